@@ -1,0 +1,325 @@
+"""i-CLEVR data: the label vocabulary, condition files, and the training images held in memory.
+
+The course layout is a folder with `iclevr/` (64x64 PNGs), `train.json` (filename -> labels) and
+`objects.json` (label -> index). Every problem with the user's input is raised as `UserError`, which the
+command-line scripts print as one line (see `run_cli`).
+"""
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_VOCABULARY = PROJECT_DIR / "object.json"
+DEFAULT_CACHE_DIR = Path(os.environ.get("ICLEVR_CACHE_DIR", Path.home() / ".cache" / "iclevr-ddpm"))
+DEFAULT_DATA_DIR = os.environ.get("ICLEVR_DATA_DIR", "data")
+SYNTHETIC = "synthetic"  # --data-dir value that asks for generated scenes instead of the course files
+IMAGE_SIZE = 64
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; shown as one line, never as a traceback."""
+
+    exit_code = 2
+
+
+def run_cli(main):
+    """Run a script's main(); user errors become `error: ...` on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
+
+
+def read_json(path, what="file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labels
+
+
+class Vocabulary:
+    """The label names and their indices in the multi-hot vector (24 for i-CLEVR)."""
+
+    def __init__(self, index_of, source="vocabulary"):
+        if not isinstance(index_of, dict) or not index_of:
+            raise UserError(f"{source}: expected a JSON object mapping label names to indices")
+        indices = sorted(index_of.values()) if all(isinstance(i, int) for i in index_of.values()) else None
+        if indices != list(range(len(index_of))):
+            raise UserError(f"{source}: label indices must be the integers 0..{len(index_of) - 1}, each once")
+        self.index_of = dict(index_of)
+        self.names = sorted(index_of, key=index_of.get)
+        self.source = str(source)
+
+    @classmethod
+    def load(cls, path):
+        return cls(read_json(path, "label vocabulary"), source=path)
+
+    def __len__(self):
+        return len(self.names)
+
+    def encode(self, labels):
+        vector = np.zeros(len(self.names), dtype=np.float32)
+        vector[[self.index_of[label] for label in labels]] = 1.0
+        return vector
+
+    def encode_all(self, label_lists):
+        return torch.from_numpy(np.stack([self.encode(labels) for labels in label_lists]))
+
+    def decode(self, vector):
+        """Multi-hot (or probability) vector -> label names above 0.5, in vocabulary order."""
+        return [self.names[i] for i, value in enumerate(np.asarray(vector).tolist()) if value > 0.5]
+
+    def check(self, labels, where):
+        """Validate one label list; `where` names it in the error (file and entry index)."""
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise UserError(f"{where}: expected a list of label names, got {json.dumps(labels)[:80]}")
+        if not labels:
+            raise UserError(f"{where}: empty label list")
+        seen = set()
+        for label in labels:
+            if label not in self.index_of:
+                close = difflib.get_close_matches(label, self.names, n=3, cutoff=0.4)
+                hint = f" (closest: {', '.join(repr(c) for c in close)})" if close else ""
+                raise UserError(f"{where}: unknown label {label!r}{hint}")
+            if label in seen:
+                raise UserError(f"{where}: label {label!r} appears twice")
+            seen.add(label)
+        return labels
+
+
+def find_vocabulary(data_dir=None, path=None):
+    """An explicit path, else the data dir's objects.json / object.json, else the project's object.json."""
+    if path is not None:
+        return Vocabulary.load(path)
+    for name in ("objects.json", "object.json"):
+        if data_dir is not None and (Path(data_dir) / name).is_file():
+            return Vocabulary.load(Path(data_dir) / name)
+    return Vocabulary.load(DEFAULT_VOCABULARY)
+
+
+def parse_conditions(entries, vocabulary, source):
+    """A list of label lists (the test.json format), validated entry by entry."""
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{source}: expected a non-empty JSON list of label lists")
+    return [vocabulary.check(labels, f"{source}: entry {i}") for i, labels in enumerate(entries)]
+
+
+def load_conditions(path, vocabulary):
+    return parse_conditions(read_json(path, "condition file"), vocabulary, path)
+
+
+def parse_label_string(text, vocabulary):
+    """--labels "red sphere,cyan cube" -> ["red sphere", "cyan cube"]."""
+    labels = [label.strip() for label in text.split(",") if label.strip()]
+    return vocabulary.check(labels, "--labels")
+
+
+def object_count_mix(label_lists):
+    """Fraction of label sets with 1, 2, ... objects."""
+    counts = np.bincount([len(labels) for labels in label_lists])
+    return {k: counts[k] / counts.sum() for k in range(1, len(counts)) if counts[k]}
+
+
+def random_conditions(count, vocabulary, mix, seed):
+    """`count` label sets of distinct labels, with the object-count mix `mix` ({k: fraction})."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice(list(mix), size=count, p=np.array(list(mix.values())) / sum(mix.values()))
+    return [[vocabulary.names[i] for i in rng.choice(len(vocabulary), size=k, replace=False)] for k in sizes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scenes and the held-out split
+
+SCENE_PATTERN = re.compile(r"^(.*_\d+)_\d+\.png$")
+
+
+def scene_of(filename):
+    """CLEVR_train_000123_2.png -> CLEVR_train_000123: the three images of one scene share it."""
+    match = SCENE_PATTERN.match(filename)
+    return match.group(1) if match else filename
+
+
+def is_held_out(scene, fraction, seed=0):
+    """Stable pseudo-random scene-level split: the same scene is on the same side on every machine."""
+    digest = hashlib.sha256(f"{seed}:{scene}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_by_scene(filenames, fraction, seed=0):
+    held = np.array([is_held_out(scene_of(name), fraction, seed) for name in filenames], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass
+class TrainingSet:
+    images: np.ndarray  # (N, 64, 64, 3) uint8
+    labels: np.ndarray  # (N, num_labels) float32 multi-hot
+    filenames: list
+    label_lists: list
+    vocabulary: Vocabulary
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def subset(self, indices):
+        return TrainingSet(self.images[indices], self.labels[indices], [self.filenames[i] for i in indices],
+                           [self.label_lists[i] for i in indices], self.vocabulary)
+
+
+def read_image(path, size=IMAGE_SIZE):
+    """-> (uint8 HxWx3 array, original size or None when it already had the right size)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        original = image.size
+        if original != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8), (original if original != (size, size) else None)
+
+
+def decode_images(image_dir, filenames, size=IMAGE_SIZE):
+    """Decode every image once; name what is missing or unreadable, warn about what was resized."""
+    def load(name):
+        try:
+            return read_image(image_dir / name, size) + (None,)
+        except FileNotFoundError:
+            return None, None, "missing"
+        except Exception as error:  # PIL raises many types for a corrupt file
+            return None, None, str(error).split("\n")[0][:60] or type(error).__name__
+
+    images = np.zeros((len(filenames), size, size, 3), dtype=np.uint8)
+    failed, resized = [], []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(load, filenames)
+        for i, (array, original, problem) in enumerate(
+                tqdm(results, total=len(filenames), desc="decoding images", unit="img", leave=False)):
+            if problem:
+                failed.append(f"{filenames[i]} ({problem})")
+                continue
+            images[i] = array
+            if original:
+                resized.append(f"{filenames[i]} ({original[0]}x{original[1]})")
+    if failed:
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        raise UserError(f"{image_dir}: {len(failed)} image(s) could not be read: {', '.join(failed[:3])}{more}")
+    if resized:
+        warnings.warn(f"{len(resized)} image(s) in {image_dir} were not {size}x{size} and were resized, "
+                      f"e.g. {resized[0]}", stacklevel=2)
+    return images
+
+
+def cache_key(image_dir, filenames, size):
+    """Changes whenever a file is added, removed, replaced or touched, so a changed dataset is re-decoded."""
+    digest = hashlib.sha256(f"{Path(image_dir).resolve()}|{size}".encode())
+    for name in filenames:
+        try:
+            stat = (image_dir / name).stat()
+            digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{name}|missing\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_SIZE):
+    """The decoded uint8 array, from the cache when the dataset is unchanged; written atomically."""
+    cache_file = Path(cache_dir) / f"images-{cache_key(image_dir, filenames, size)}.npy"
+    if cache_file.is_file():
+        try:
+            images = np.load(cache_file, mmap_mode=None)
+            if images.shape == (len(filenames), size, size, 3):
+                return images
+        except (OSError, ValueError):
+            pass  # a damaged cache is simply rebuilt
+    images = decode_images(image_dir, filenames, size)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(temp, images)
+        os.replace(temp, cache_file)
+    except OSError as error:
+        warnings.warn(f"could not write the image cache {cache_file} ({error}); decoding again next time")
+    return images
+
+
+def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path=None,
+                      cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_SIZE):
+    """The course layout under `data_dir`; each piece may be given separately instead."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir() and (image_dir is None or train_json is None):
+        raise UserError(f"{data_dir}: no such data directory (expected iclevr/, train.json, objects.json; "
+                        f"or use --data-dir {SYNTHETIC} for generated scenes)")
+    image_dir = Path(image_dir) if image_dir else data_dir / "iclevr"
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: no such image folder")
+    train_json = Path(train_json) if train_json else data_dir / "train.json"
+    vocabulary = find_vocabulary(data_dir, vocabulary_path)
+    mapping = read_json(train_json, "training label file")
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"{train_json}: expected a JSON object mapping image filenames to label lists")
+    filenames = sorted(mapping)
+    label_lists = [vocabulary.check(mapping[name], f"{train_json}: {name}") for name in filenames]
+    images = cached_images(image_dir, filenames, cache_dir, size)
+    labels = np.stack([vocabulary.encode(labels) for labels in label_lists])
+    return TrainingSet(images, labels, filenames, label_lists, vocabulary)
+
+
+def to_model_input(images_uint8, flip=None):
+    """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float in [-1, 1]; `flip` is a bool mask of images to mirror
+    (labels carry no positions, so a mirrored scene has the same labels)."""
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def to_uint8(images):
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounded as a PNG would store it."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def epoch_order(num_items, seed, epoch):
+    """The same shuffled order for every process and every resume of an epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def batch_indices(num_items, batch_size, seed, step, rank=0, world_size=1):
+    """Indices of global step `step` for process `rank`: a pure function of the step, so resuming needs no
+    data-loader state. Each epoch drops its last incomplete batch."""
+    steps_per_epoch = num_items // (batch_size * world_size)
+    if steps_per_epoch == 0:
+        raise UserError(f"batch size {batch_size} x {world_size} process(es) is larger than the "
+                        f"{num_items} training images")
+    epoch, position = divmod(step, steps_per_epoch)
+    start = (position * world_size + rank) * batch_size
+    return epoch_order(num_items, seed, epoch)[start:start + batch_size]

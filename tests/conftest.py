@@ -1,0 +1,87 @@
+"""Shared fixtures. Real-data tests read $ICLEVR_TEST_DATA (default ../shared/data beside the checkout) and
+skip when it is absent; everything else runs on synthetic scenes generated here."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Keep every cache of the suite (and of the scripts it starts) out of the user's home.
+os.environ.setdefault("ICLEVR_CACHE_DIR", tempfile.mkdtemp(prefix="iclevr-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REAL_DATA = Path(os.environ.get("ICLEVR_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def run_script(script, *args, timeout=600, env=None, cwd=REPO):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def real_data():
+    if not (REAL_DATA / "train.json").is_file():
+        pytest.skip(f"course data not found at {REAL_DATA} (set ICLEVR_TEST_DATA)")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A small synthetic set in the course layout: 64 scenes x 3 objects = 192 images."""
+    import synthetic
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "data", scenes=64, seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def vocabulary():
+    import dataset
+    return dataset.Vocabulary.load(dataset.DEFAULT_VOCABULARY)
+
+
+@pytest.fixture
+def write_json(tmp_path):
+    def write(name, content):
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return path
+    return write
+
+
+def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8):
+    """Train the tiny preset on `count` images in-process; returns (model, scheduler, x0, labels, losses)
+    where losses are the fixed-noise evaluation losses before and after."""
+    import torch
+
+    import dataset
+    import model as model_lib
+    from train import training_loss
+
+    data = dataset.load_training_set(data_dir)
+    x0 = dataset.to_model_input(torch.from_numpy(data.images[:count]))
+    labels = torch.from_numpy(data.labels[:count])
+    torch.manual_seed(0)
+    net = model_lib.build_model("tiny", data.vocabulary.names)
+    scheduler = model_lib.training_scheduler(beta_schedule)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+
+    def evaluation_loss():
+        with torch.no_grad():
+            return sum(training_loss(net, scheduler, x0, labels, torch.Generator().manual_seed(10_000 + i), 0).item()
+                       for i in range(8)) / 8
+
+    before = evaluation_loss()
+    for step in range(steps):
+        training_loss(net, scheduler, x0, labels, torch.Generator().manual_seed(step), 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return net.eval(), scheduler, x0, labels, (before, evaluation_loss())
+
+
+@pytest.fixture(scope="session", params=["linear", "cosine"])
+def trained_tiny(request, synthetic_data):
+    return (request.param, *fit_tiny(synthetic_data, request.param))

@@ -1,0 +1,167 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from dataset import UserError
+
+
+def test_project_vocabulary_is_the_course_order(vocabulary):
+    assert len(vocabulary) == 24
+    assert vocabulary.index_of["gray cube"] == 0
+    assert vocabulary.index_of["red sphere"] == 9
+    assert vocabulary.index_of["yellow cylinder"] == 23
+
+
+def test_course_objects_json_matches_ours(real_data, vocabulary):
+    assert dataset.Vocabulary.load(real_data / "objects.json").index_of == vocabulary.index_of
+
+
+def test_encode_decode_round_trip(vocabulary):
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 5, 24):
+        labels = [vocabulary.names[i] for i in sorted(rng.choice(24, size=k, replace=False))]
+        vector = vocabulary.encode(labels)
+        assert vector.shape == (24,) and vector.sum() == k
+        assert vocabulary.decode(vector) == labels
+
+
+def test_vocabulary_fallback_order(tmp_path, vocabulary):
+    assert dataset.find_vocabulary(tmp_path).source == str(dataset.DEFAULT_VOCABULARY)
+    (tmp_path / "object.json").write_text(json.dumps({"a": 0, "b": 1}))
+    assert dataset.find_vocabulary(tmp_path).names == ["a", "b"]
+    (tmp_path / "objects.json").write_text(json.dumps({"c": 0}))
+    assert dataset.find_vocabulary(tmp_path).names == ["c"]
+
+
+def test_bad_vocabulary_indices(write_json):
+    with pytest.raises(UserError, match="0..1"):
+        dataset.Vocabulary.load(write_json("v.json", {"a": 0, "b": 2}))
+
+
+def test_load_conditions_accepts_course_format(write_json, vocabulary):
+    path = write_json("c.json", [["red sphere"], ["cyan cube", "gray cylinder", "yellow sphere"]])
+    assert dataset.load_conditions(path, vocabulary)[1] == ["cyan cube", "gray cylinder", "yellow sphere"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ([["red sphere"], ["redd sphere"]], r"c\.json: entry 1: unknown label 'redd sphere' \(closest: 'red sphere'"),
+    ([["red sphere"], []], r"c\.json: entry 1: empty label list"),
+    ([["red cube", "blue cube", "red cube"]], r"c\.json: entry 0: label 'red cube' appears twice"),
+    ([["red cube"], "blue cube"], r"c\.json: entry 1: expected a list of label names"),
+    ([["red cube", 3]], r"c\.json: entry 0: expected a list of label names"),
+    ({"a": ["red cube"]}, r"c\.json: expected a non-empty JSON list of label lists"),
+    ([], r"c\.json: expected a non-empty JSON list"),
+    ('[["red cube"],', r"c\.json: not valid JSON \(line 1"),
+])
+def test_condition_file_errors_name_file_and_entry(write_json, vocabulary, content, message):
+    with pytest.raises(UserError, match=message):
+        dataset.load_conditions(write_json("c.json", content), vocabulary)
+
+
+def test_missing_condition_file(tmp_path, vocabulary):
+    with pytest.raises(UserError, match="no such condition file"):
+        dataset.load_conditions(tmp_path / "nope.json", vocabulary)
+
+
+def test_label_string(vocabulary):
+    assert dataset.parse_label_string("red sphere, cyan cube", vocabulary) == ["red sphere", "cyan cube"]
+    with pytest.raises(UserError, match="--labels: unknown label 'pink cube'"):
+        dataset.parse_label_string("red sphere,pink cube", vocabulary)
+
+
+def test_random_conditions_follow_the_mix(vocabulary):
+    sets = dataset.random_conditions(3000, vocabulary, {1: 0.2, 2: 0.3, 3: 0.5}, seed=4)
+    mix = dataset.object_count_mix(sets)
+    assert abs(mix[1] - 0.2) < 0.03 and abs(mix[3] - 0.5) < 0.03
+    assert all(len(set(s)) == len(s) for s in sets)
+    assert sets == dataset.random_conditions(3000, vocabulary, {1: 0.2, 2: 0.3, 3: 0.5}, seed=4)
+
+
+def test_split_keeps_scenes_together():
+    names = [f"CLEVR_train_{s:06d}_{k}.png" for s in range(300) for k in range(3)]
+    train, held = dataset.split_by_scene(names, 0.2)
+    assert 0.1 < len(held) / len(names) < 0.3
+    held_scenes = {dataset.scene_of(names[i]) for i in held}
+    assert not held_scenes & {dataset.scene_of(names[i]) for i in train}
+    assert len(held) == 3 * len(held_scenes)
+
+
+def test_batches_cover_each_epoch_and_split_across_processes():
+    n, batch = 100, 8
+    epoch = torch.cat([dataset.batch_indices(n, batch, seed=1, step=s) for s in range(n // batch)])
+    assert len(set(epoch.tolist())) == len(epoch) == 96
+    ranks = [dataset.batch_indices(n, batch, 1, step=3, rank=r, world_size=2) for r in (0, 1)]
+    assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    assert not torch.equal(dataset.batch_indices(n, batch, 1, 0), dataset.batch_indices(n, batch, 1, 12))
+
+
+def make_course_dir(root, count=6, size=64):
+    (root / "iclevr").mkdir(parents=True)
+    labels = {}
+    for i in range(count):
+        name = f"CLEVR_train_{i // 3:06d}_{i % 3}.png"
+        Image.fromarray(np.full((size, size, 3), 10 * i, np.uint8)).save(root / "iclevr" / name)
+        labels[name] = ["red cube", "blue sphere", "cyan cylinder"][: i % 3 + 1]
+    (root / "train.json").write_text(json.dumps(labels))
+    return root
+
+
+def test_training_set_loads_and_caches(tmp_path):
+    root = make_course_dir(tmp_path / "data")
+    data = dataset.load_training_set(root, cache_dir=tmp_path / "cache")
+    assert data.images.shape == (6, 64, 64, 3) and data.images.dtype == np.uint8
+    assert data.images[4, 0, 0, 0] == 40 and data.label_lists[4] == ["red cube", "blue sphere"]
+    assert len(list((tmp_path / "cache").glob("images-*.npy"))) == 1
+    # a changed image changes the key: the cache is rebuilt, not reused
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(root / "iclevr" / "CLEVR_train_000001_1.png")
+    data = dataset.load_training_set(root, cache_dir=tmp_path / "cache")
+    assert data.images[4, 0, 0, 0] == 200
+    assert len(list((tmp_path / "cache").glob("images-*.npy"))) == 2
+
+
+def test_missing_and_corrupt_images_are_named(tmp_path):
+    root = make_course_dir(tmp_path / "data")
+    (root / "iclevr" / "CLEVR_train_000000_1.png").unlink()
+    (root / "iclevr" / "CLEVR_train_000001_0.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"2 image\(s\) could not be read: CLEVR_train_000000_1.png \(missing\), "
+                                        r"CLEVR_train_000001_0.png \(cannot identify"):
+        dataset.load_training_set(root, cache_dir=tmp_path / "cache")
+
+
+def test_wrong_size_images_are_resized_with_a_warning(tmp_path):
+    root = make_course_dir(tmp_path / "data", size=64)
+    Image.fromarray(np.full((80, 120, 3), 77, np.uint8)).save(root / "iclevr" / "CLEVR_train_000000_2.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\).*were not 64x64 and were resized, e.g. "
+                                         r"CLEVR_train_000000_2.png \(120x80\)"):
+        data = dataset.load_training_set(root, cache_dir=tmp_path / "cache")
+    assert data.images.shape == (6, 64, 64, 3) and data.images[2].mean() == pytest.approx(77, abs=1)
+
+
+def test_missing_data_dir_and_bad_train_json(tmp_path):
+    with pytest.raises(UserError, match="no such data directory"):
+        dataset.load_training_set(tmp_path / "absent", cache_dir=tmp_path)
+    root = make_course_dir(tmp_path / "data")
+    (root / "train.json").write_text(json.dumps({"CLEVR_train_000000_0.png": ["red cub"]}))
+    with pytest.raises(UserError, match=r"train.json: CLEVR_train_000000_0.png: unknown label 'red cub'"):
+        dataset.load_training_set(root, cache_dir=tmp_path)
+
+
+def test_model_input_range_and_flip():
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    x = dataset.to_model_input(images, torch.tensor([True, False, False, True]))
+    assert x.shape == (4, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(dataset.to_uint8(x[1:3]), images[1:3].numpy())
+    assert np.array_equal(dataset.to_uint8(x[:1]), images[:1].flip(2).numpy())
+
+
+def test_real_training_set(real_data, tmp_path_factory):
+    data = dataset.load_training_set(real_data, cache_dir=tmp_path_factory.mktemp("cache"))
+    assert len(data) == 18009 and data.images.shape == (18009, 64, 64, 3)
+    assert set(data.labels.sum(1).tolist()) == {1.0, 2.0, 3.0}
+    for name in ("test.json", "new_test.json"):
+        assert len(dataset.load_conditions(real_data / name, data.vocabulary)) == 32
