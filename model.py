@@ -4,10 +4,10 @@ The multi-hot label vector enters through a learned projection added to the UNet
 (`class_embed_type="identity"`: without a class embedding type, UNet2DModel silently ignores labels).
 The all-zero vector is the unconditional input for classifier-free guidance.
 """
+import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
@@ -75,7 +75,13 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 def build_model(preset, label_names, **overrides):
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return ConditionalUNet(label_names=list(label_names), preset=preset, **{**PRESETS[preset], **overrides})
+    unknown = set(overrides) - set(inspect.signature(ConditionalUNet.__init__).parameters)
+    if unknown:
+        raise UserError(f"unknown model option(s) {', '.join(sorted(unknown))}")
+    try:
+        return ConditionalUNet(label_names=list(label_names), preset=preset, **{**PRESETS[preset], **overrides})
+    except (ValueError, TypeError) as error:
+        raise UserError(f"invalid model options {overrides}: {str(error).splitlines()[0][:160]}")
 
 
 def count_parameters(model):

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+
+
+def sample(model, out, *args):
+    return run_script("sample.py", "--model", model, "--out", out, "--sampler", "ddim", "--steps", 4, *args)
+
+
+def read_images(folder):
+    record = json.loads((folder / "conditions.json").read_text())
+    return np.stack([np.asarray(Image.open(folder / name)) for name in record["images"]])
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_run, synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples")
+    result = sample(tiny_run / "model", out, "--conditions", synthetic_data / "test.json",
+                    synthetic_data / "new_test.json", "--process", "--seed", 3)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_sample_writes_grid_images_conditions_and_process(samples, synthetic_data):
+    for name in ("test", "new_test"):
+        folder = samples / name
+        record = json.loads((folder / "conditions.json").read_text())
+        assert record["labels"] == json.loads((synthetic_data / f"{name}.json").read_text())
+        assert (record["sampler"], record["steps"], record["guidance_scale"], record["seed"]) == ("ddim", 4, 1.0, 3)
+        assert len(read_images(folder)) == 32 and read_images(folder).shape[1:] == (64, 64, 3)
+        assert Image.open(folder / "grid.png").size == (8 * 66 + 2, 4 * 66 + 2)  # 8 per row, 2-pixel padding
+    assert Image.open(samples / "process.png").size == (4 * 66 + 2, 66 + 2)  # min(10, steps) frames
+    assert not list(samples.glob(".tmp-*"))
+
+
+def test_same_seed_same_images(samples, tiny_run, synthetic_data, tmp_path):
+    again = sample(tiny_run / "model", tmp_path, "--conditions", synthetic_data / "test.json", "--seed", 3)
+    other = sample(tiny_run / "model", tmp_path / "other", "--conditions", synthetic_data / "test.json", "--seed", 4)
+    assert again.returncode == 0 and other.returncode == 0, again.stderr + other.stderr
+    assert np.array_equal(read_images(tmp_path / "test"), read_images(samples / "test"))
+    assert not np.array_equal(read_images(tmp_path / "other" / "test"), read_images(samples / "test"))
+
+
+def test_labels_from_the_command_line(tiny_run, tmp_path):
+    result = sample(tiny_run / "model", tmp_path, "--labels", "red sphere, cyan cylinder,cyan cube")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "labels" / "conditions.json").read_text())
+    assert record["labels"] == [["red sphere", "cyan cylinder", "cyan cube"]] and len(record["images"]) == 1
+
+
+def test_evaluate_a_sample_folder_matches_the_evaluator(samples, synthetic_evaluator, synthetic_data, tmp_path):
+    from dataset import find_vocabulary, to_model_input
+    from evaluator import evaluation_model
+
+    checkpoint, _ = synthetic_evaluator
+    result = run_script("evaluate.py", "--samples", samples / "test", samples / "new_test", "--evaluator", checkpoint,
+                        "--data-dir", synthetic_data, "--json", tmp_path / "e.json", "--reference-images", 60)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "e.json").read_text())["results"]
+    model = evaluation_model(checkpoint, device="cpu")
+    for name in ("test", "new_test"):
+        labels = json.loads((samples / name / "conditions.json").read_text())["labels"]
+        images = to_model_input(torch.from_numpy(read_images(samples / name)))
+        expected = model.eval(images, find_vocabulary().encode_all(labels))
+        assert results[name]["seeds"]["3"]["accuracy"] == pytest.approx(expected)
+        assert results[name]["frechet"] > 0 and results[name]["frechet_reference"] == 60
+        assert f"{name:<16s}" in result.stdout
+
+
+def test_generate_and_score_in_one_go_equals_sample_then_score(samples, tiny_run, synthetic_evaluator,
+                                                              synthetic_data, tmp_path):
+    checkpoint, _ = synthetic_evaluator
+    scored = run_script("evaluate.py", "--samples", samples / "test", "--evaluator", checkpoint, "--data-dir",
+                        synthetic_data, "--json", tmp_path / "a.json", "--reference-images", 0)
+    assert scored.returncode == 0, scored.stderr
+    # seeds 0..3 include seed 3, which sample.py used above with the same sampler and steps
+    direct = run_script("evaluate.py", "--model", tiny_run / "model", "--conditions", synthetic_data / "test.json",
+                        "random:20:7", "--seeds", 4, "--sampler", "ddim", "--steps", 4, "--evaluator", checkpoint,
+                        "--data-dir", synthetic_data, "--json", tmp_path / "b.json", "--reference-images", 0)
+    assert direct.returncode == 0, direct.stderr
+    a = json.loads((tmp_path / "a.json").read_text())["results"]["test"]
+    b = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert b["test"]["seeds"]["3"]["accuracy"] == pytest.approx(a["seeds"]["3"]["accuracy"])
+    accuracies = [b["test"]["seeds"][str(s)]["accuracy"] for s in range(4)]
+    assert b["test"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert b["test"]["std"] == pytest.approx(np.std(accuracies))
+    assert set(b) == {"test", "random-20-7"} and len(b["random-20-7"]["seeds"]) == 4
+    assert "mean±std" in direct.stdout
