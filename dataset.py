@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -35,7 +36,9 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); user errors become `error: ...` on stderr and exit code 2."""
+    """Run a script's main(); user errors become `error: ...` on stderr and exit code 2, and warnings are
+    one `warning: ...` line each."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         code = main()
     except UserError as error:
@@ -45,6 +48,11 @@ def run_cli(main):
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code or 0)
+
+
+def warn(message):
+    """Something the user should know that does not stop the run: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def read_json(path, what="file"):
@@ -57,6 +65,43 @@ def read_json(path, what="file"):
         raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot read ({error})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output folders: complete or absent
+
+
+def fsync_tree(path):
+    for file in sorted(Path(path).rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def publish_dir(temp, final):
+    """Move a fully written folder into place so readers only ever see complete ones."""
+    fsync_tree(temp)
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(temp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def make_output_dir(path):
+    """Create an output folder, or say in one line why it cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {path}: {error.strerror or error}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,6 +179,10 @@ def load_conditions(path, vocabulary):
     return parse_conditions(read_json(path, "condition file"), vocabulary, path)
 
 
+def default_condition_files(data_dir):
+    return [str(Path(data_dir) / "test.json"), str(Path(data_dir) / "new_test.json")]
+
+
 def parse_label_string(text, vocabulary):
     """--labels "red sphere,cyan cube" -> ["red sphere", "cyan cube"]."""
     labels = [label.strip() for label in text.split(",") if label.strip()]
@@ -187,13 +236,14 @@ class TrainingSet:
     filenames: list
     label_lists: list
     vocabulary: Vocabulary
+    data_dir: Path = None
 
     def __len__(self):
         return len(self.filenames)
 
     def subset(self, indices):
         return TrainingSet(self.images[indices], self.labels[indices], [self.filenames[i] for i in indices],
-                           [self.label_lists[i] for i in indices], self.vocabulary)
+                           [self.label_lists[i] for i in indices], self.vocabulary, self.data_dir)
 
 
 def read_image(path, size=IMAGE_SIZE):
@@ -213,15 +263,17 @@ def decode_images(image_dir, filenames, size=IMAGE_SIZE):
             return read_image(image_dir / name, size) + (None,)
         except FileNotFoundError:
             return None, None, "missing"
-        except Exception as error:  # PIL raises many types for a corrupt file
-            return None, None, str(error).split("\n")[0][:60] or type(error).__name__
+        except UnidentifiedImageError:
+            return None, None, "not a readable image"
+        except Exception as error:  # a truncated file raises OSError, SyntaxError, ... depending on where it breaks
+            return None, None, f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"
 
     images = np.zeros((len(filenames), size, size, 3), dtype=np.uint8)
     failed, resized = [], []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(load, filenames)
-        for i, (array, original, problem) in enumerate(
-                tqdm(results, total=len(filenames), desc="decoding images", unit="img", leave=False)):
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+            tqdm(pool.map(load, filenames), total=len(filenames), desc="decoding images", unit="img",
+                 leave=False) as results:
+        for i, (array, original, problem) in enumerate(results):
             if problem:
                 failed.append(f"{filenames[i]} ({problem})")
                 continue
@@ -232,8 +284,7 @@ def decode_images(image_dir, filenames, size=IMAGE_SIZE):
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         raise UserError(f"{image_dir}: {len(failed)} image(s) could not be read: {', '.join(failed[:3])}{more}")
     if resized:
-        warnings.warn(f"{len(resized)} image(s) in {image_dir} were not {size}x{size} and were resized, "
-                      f"e.g. {resized[0]}", stacklevel=2)
+        warn(f"{len(resized)} image(s) in {image_dir} were not {size}x{size} and were resized, e.g. {resized[0]}")
     return images
 
 
@@ -266,7 +317,7 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
         np.save(temp, images)
         os.replace(temp, cache_file)
     except OSError as error:
-        warnings.warn(f"could not write the image cache {cache_file} ({error}); decoding again next time")
+        warn(f"could not write the image cache {cache_file} ({error}); decoding again next time")
     return images
 
 
@@ -289,7 +340,7 @@ def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path
     label_lists = [vocabulary.check(mapping[name], f"{train_json}: {name}") for name in filenames]
     images = cached_images(image_dir, filenames, cache_dir, size)
     labels = np.stack([vocabulary.encode(labels) for labels in label_lists])
-    return TrainingSet(images, labels, filenames, label_lists, vocabulary)
+    return TrainingSet(images, labels, filenames, label_lists, vocabulary, data_dir)
 
 
 def to_model_input(images_uint8, flip=None):

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dataset
 from dataset import UserError, run_cli
-from model import PRESETS, ConditionalUNet, ICLEVRPipeline, build_model, count_parameters, training_scheduler
+from model import (PRESETS, SAMPLERS, ConditionalUNet, ICLEVRPipeline, build_model, count_parameters,
+                   sampling_scheduler, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -53,11 +54,19 @@ def parse_args(argv=None):
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
                        help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), tiny (tests)")
+    model.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one field of the preset, e.g. block_out_channels=[32,64,128] or "
+                            "resnet_time_scale_shift=scale_shift (repeatable; values are JSON or plain strings)")
     model.add_argument("--beta-schedule", default="linear", choices=["linear", "cosine"],
                        help="DDPM noise schedule; cosine is diffusers' squaredcos_cap_v2")
     model.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
     model.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                        help="what the UNet predicts; the loss is the MSE on it")
+    model.add_argument("--snr-gamma", type=float, default=0,
+                       help="min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is typical; 0 = plain MSE)")
+    model.add_argument("--object-weight", type=float, default=1.0,
+                       help="loss weight of object pixels (coloured or unlike the smooth floor around them) "
+                            "relative to the floor; 1 = plain MSE")
     model.add_argument("--cond-drop", type=float, default=0.1,
                        help="probability of training on the all-zero (unconditional) label vector, so the same "
                             "model serves classifier-free guidance")
@@ -72,6 +81,8 @@ def parse_args(argv=None):
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                      help="auto: bf16 on a GPU that supports it, fp32 on CPU")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet (slow first steps; see docs/RESULTS.md for when it pays)")
     opt.add_argument("--max-bad-steps", type=int, default=0,
                      help="skip up to this many steps with a non-finite loss before stopping (default: stop "
                           "at the first)")
@@ -82,18 +93,45 @@ def parse_args(argv=None):
     length.add_argument("--max-minutes", type=float,
                         help="stop this invocation after so many minutes: checkpoint, export, exit 0")
     length.add_argument("--out", default="runs/default", help="run folder")
-    length.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    length.add_argument("--resume", help="'latest' (the newest checkpoint in --out; a new run starts from step 0) "
+                                         "or a checkpoint folder to continue from")
     length.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     length.add_argument("--keep", type=int, default=3, help="how many recent checkpoints to keep")
     length.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
     length.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise and dropout")
+
+    evaluation = p.add_argument_group("evaluation during training (EMA weights, main process)")
+    evaluation.add_argument("--eval-every", type=int, default=0,
+                            help="steps between evaluations (0 = never); needs --evaluator")
+    evaluation.add_argument("--eval-every-minutes", type=float, default=0,
+                            help="also evaluate after every so many minutes of training (accuracy vs wall time)")
+    evaluation.add_argument("--evaluator", help="evaluator checkpoint (course format, see evaluator.py)")
+    evaluation.add_argument("--eval-conditions", nargs="+", metavar="FILE",
+                            help="condition files or random:N[:SEED] (default: DATA_DIR/test.json, "
+                                 "DATA_DIR/new_test.json)")
+    evaluation.add_argument("--eval-sampler", default="ddim", choices=SAMPLERS, help="sampler for evaluation")
+    evaluation.add_argument("--eval-steps", type=int, default=50, help="denoising steps for evaluation")
+    evaluation.add_argument("--eval-guidance", type=float, default=1.0, help="guidance scale for evaluation")
     args = p.parse_args(argv)
-    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every"):
+    args.model_options = dict(parse_model_option(p, text) for text in args.model_option)
+    if (args.eval_every or args.eval_every_minutes) and not args.evaluator:
+        p.error("--eval-every needs --evaluator (train one with: python evaluator.py train)")
+    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every", "eval_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     return args
+
+
+def parse_model_option(parser, text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        parser.error(f"--model-option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,24 +156,14 @@ def lock_run_dir(run_dir):
     return handle
 
 
-def fsync_tree(path):
-    for file in sorted(Path(path).rglob("*")):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def publish_dir(temp, final):
-    """Move a fully written folder into place so readers only ever see complete ones."""
-    fsync_tree(temp)
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(temp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def remove_partial_writes(run_dir):
+    """Temporary folders left by a process killed while writing: never read, so simply deleted."""
+    for leftover in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*"), *(run_dir / "checkpoints").glob(".tmp-*"),
+                     *(run_dir / "checkpoints").glob(".old-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def checkpoint_dirs(run_dir):
@@ -152,10 +180,10 @@ def export_pipeline(model, ema, noise_scheduler, folder):
     temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     ICLEVRPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(temp)
     ema.restore(model.parameters())
-    publish_dir(temp, folder)
+    dataset.publish_dir(temp, folder)
 
 
-def save_checkpoint(run_dir, step, model, ema, optimizer, lr_scheduler, noise_scheduler, keep):
+def save_checkpoint(run_dir, step, train_seconds, model, ema, optimizer, lr_scheduler, noise_scheduler, keep):
     """checkpoints/step-N/: the EMA pipeline (loadable by sample.py), raw weights, optimizer, LR schedule."""
     folder = run_dir / "checkpoints"
     temp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -165,20 +193,21 @@ def save_checkpoint(run_dir, step, model, ema, optimizer, lr_scheduler, noise_sc
     torch.save(optimizer.state_dict(), temp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), temp / "lr_scheduler.pt")
     ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    (temp / "state.json").write_text(json.dumps({"step": step, "ema": ema_state}, indent=1))
+    state = {"step": step, "train_seconds": train_seconds, "ema": ema_state}
+    (temp / "state.json").write_text(json.dumps(state, indent=1))
     final = folder / f"step-{step:08d}"
-    publish_dir(temp, final)
+    dataset.publish_dir(temp, final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def find_checkpoint(run_dir, resume):
+    """--resume latest: the newest complete checkpoint, or None on a new run (so a pre-emptible job can use
+    the same command line for its first start and every restart)."""
     if resume == "latest":
         found = checkpoint_dirs(run_dir)
-        if not found:
-            raise UserError(f"{run_dir}: no checkpoint to resume from (start without --resume)")
-        return found[-1]
+        return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"{path}: not a checkpoint folder (expected RUN/checkpoints/step-N)")
@@ -187,24 +216,20 @@ def find_checkpoint(run_dir, resume):
 
 def check_compatible(saved_config, model, where):
     """Refuse a checkpoint of another architecture or vocabulary with a message that names the difference."""
-    current = dict(model.config)
-    for key in ("label_names", "preset", "fold", "block_out_channels", "layers_per_block", "down_block_types",
-                "up_block_types", "image_size"):
-        if key in saved_config and list(map(str, _as_list(saved_config[key]))) != list(map(str, _as_list(current[key]))):
-            if key == "label_names":
-                raise UserError(f"{where} was trained with another label vocabulary "
-                                f"({len(saved_config[key])} labels, first {saved_config[key][0]!r}) than this run "
-                                f"({len(current[key])} labels, first {current[key][0]!r})")
-            raise UserError(f"{where} has {key}={saved_config[key]}, but this run has {key}={current[key]} "
-                            f"(use the same --preset as the checkpoint)")
-
-
-def _as_list(value):
-    return value if isinstance(value, (list, tuple)) else [value]
+    current = json.loads(json.dumps(dict(model.config)))  # tuples -> lists, as in the saved JSON
+    saved_names, names = saved_config.get("label_names"), current["label_names"]
+    if saved_names != names:
+        saved_names = saved_names or ["none"]
+        raise UserError(f"{where} was trained with another label vocabulary ({len(saved_names)} labels, first "
+                        f"{saved_names[0]!r}) than this run ({len(names)} labels, first {names[0]!r})")
+    for key, value in sorted(saved_config.items(), key=lambda item: item[0] != "preset"):  # preset first
+        if not key.startswith("_") and key in current and current[key] != value:
+            raise UserError(f"{where} has {key}={value}, but this run has {key}={current[key]} "
+                            f"(use the same --preset and --model-option as the checkpoint)")
 
 
 def load_checkpoint(path, model, ema, optimizer, lr_scheduler):
-    """Restore everything save_checkpoint wrote; returns the step to continue from."""
+    """Restore everything save_checkpoint wrote; returns (step, training seconds so far)."""
     try:
         unet_config = json.loads((path / "pipeline" / "unet" / "config.json").read_text())
         check_compatible(unet_config, model, path)
@@ -216,7 +241,7 @@ def load_checkpoint(path, model, ema, optimizer, lr_scheduler):
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: cannot resume from this checkpoint ({str(error).splitlines()[0][:160]})")
-    return state["step"]
+    return state["step"], state.get("train_seconds", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,15 +255,19 @@ def append_metrics(run_dir, record):
 
 def read_metrics(run_dir):
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # the half-written last line of a killed run
+    return records
 
 
 def truncate_metrics(run_dir, step):
     """After a resume, drop what was logged past the checkpoint: those steps are trained again."""
     kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    temp = run_dir / f".metrics-{os.getpid()}.jsonl"
+    temp = run_dir / f".tmp-metrics-{os.getpid()}.jsonl"
     temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(temp, run_dir / "metrics.jsonl")
 
@@ -257,12 +286,12 @@ def plot_curves(run_dir):
     axes[0, 0].set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="loss")
     for key in accuracy_keys:
         points = [r for r in records if key in r]
-        axes[0, 1].plot([r["step"] for r in points], [r[key] for r in points], marker="o", label=key[4:])
+        axes[0, 1].plot([r["train_minutes"] for r in points], [r[key] for r in points], marker="o", label=key[4:])
     if accuracy_keys:
-        axes[0, 1].set(xlabel="step", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
+        axes[0, 1].set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
         axes[0, 1].legend()
     fig.tight_layout()
-    temp = run_dir / f".curves-{os.getpid()}.png"
+    temp = run_dir / f".tmp-curves-{os.getpid()}.png"
     fig.savefig(temp, dpi=90)
     plt.close(fig)
     os.replace(temp, run_dir / "curves.png")
@@ -273,12 +302,16 @@ def plot_curves(run_dir):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and exits."""
+    """While active, SIGINT/SIGTERM only set a flag; the loop checkpoints at the end of the step and exits."""
 
-    def __init__(self):
+    def __enter__(self):
         self.signal = None
-        for sig in EXIT_INTERRUPTED:
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_INTERRUPTED}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.signal = signal.Signals(signum)
@@ -290,7 +323,23 @@ def step_generator(seed, step, rank, device):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
 
-def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop):
+def training_batch(images, labels, batch_size, seed, step, accelerator, generator, flip=True):
+    """This process's share of global step `step`: images in [-1, 1] (half of them mirrored) and labels."""
+    index = dataset.batch_indices(len(images), batch_size, seed, step, accelerator.process_index,
+                                  accelerator.num_processes).to(images.device)
+    mirror = torch.rand(len(index), generator=generator, device=images.device) < 0.5 if flip else None
+    return dataset.to_model_input(images[index], mirror), labels[index]
+
+
+def object_mask(x0):
+    """1 on pixels that stand out from i-CLEVR's smooth gray floor: coloured, or unlike their surroundings."""
+    rgb = (x0 + 1) / 2
+    saturation = rgb.amax(1) - rgb.amin(1)
+    contrast = (rgb - F.avg_pool2d(rgb, 9, stride=1, padding=4, count_include_pad=False)).abs().amax(1)
+    return ((saturation > 0.15) | (contrast > 0.08)).float()[:, None]
+
+
+def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_gamma=0.0, object_weight=1.0):
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator,
@@ -298,10 +347,39 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop):
     keep = torch.rand(batch, generator=generator, device=x0.device) >= cond_drop
     labels = labels * keep[:, None]  # dropped rows become the all-zero "unconditional" vector
     noisy = noise_scheduler.add_noise(x0, noise, t)
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-        noise_scheduler.get_velocity(x0, noise, t)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
     prediction = model(noisy, t, labels)
-    return F.mse_loss(prediction.float(), target.float())
+    if not snr_gamma and object_weight == 1.0:
+        return F.mse_loss(prediction.float(), target.float())
+    error = (prediction.float() - target.float()) ** 2
+    if object_weight != 1.0:
+        # the few object pixels carry what the labels decide; the floor is most of the plain MSE
+        error = error * (1 + (object_weight - 1) * object_mask(x0))
+    per_image = error.mean((1, 2, 3))
+    if snr_gamma:
+        # min-SNR-gamma: cap the weight of nearly clean timesteps, whose texture details dominate plain MSE
+        snr = compute_snr(noise_scheduler, t)
+        per_image = per_image * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
+    return per_image.mean()
+
+
+def optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, grad_clip):
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.step(accelerator.unwrap_model(model).parameters())
+
+
+def prepare_model(model, compile_model=False):
+    return torch.compile(model) if compile_model else model
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW with the fused kernel (one pass over all parameters, on CPU and GPU)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def total_steps(args, num_images, world_size):
@@ -318,92 +396,143 @@ def load_data(args):
     return dataset.load_training_set(data_dir, args.image_dir, args.train_json, args.vocabulary, args.cache_dir)
 
 
+class Evaluation:
+    """--eval-every: sample the condition sets with the EMA weights and score them with the evaluator."""
+
+    def __init__(self, args, data):
+        import evaluate
+        from evaluator import evaluation_model
+
+        self.evaluate = evaluate
+        self.evaluator = evaluation_model(args.evaluator)
+        sources = args.eval_conditions or dataset.default_condition_files(data.data_dir)
+        self.condition_sets = dict(evaluate.parse_condition_arg(text, data.vocabulary, data) for text in sources)
+        self.args = args
+        self.next_minutes = args.eval_every_minutes
+
+    def due(self, step, total, train_seconds):
+        if self.args.eval_every_minutes and train_seconds / 60 >= self.next_minutes:
+            self.next_minutes = (train_seconds / 60 // self.args.eval_every_minutes + 1) * self.args.eval_every_minutes
+            return True
+        return step == total or bool(self.args.eval_every and step % self.args.eval_every == 0)
+
+    def __call__(self, model, ema, noise_scheduler):
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        model.eval()
+        pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config, self.args.eval_sampler))
+        pipe.set_progress_bar_config(disable=True)
+        results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
+                                                  steps=self.args.eval_steps, guidance_scale=self.args.eval_guidance)
+        model.train()
+        ema.restore(model.parameters())
+        return {f"acc_{name}": result["mean"] for name, result in results.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     mixed = args.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed)
-    is_main, device = accelerator.is_main_process, accelerator.device
     run_dir = Path(args.out)
-    lock = lock_run_dir(run_dir) if is_main else None
+    lock = lock_run_dir(run_dir) if accelerator.is_main_process else None
+    try:
+        with StopRequest() as stop:
+            return train(args, accelerator, run_dir, stop)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(args, accelerator, run_dir, stop):
+    is_main, device = accelerator.is_main_process, accelerator.device
+    if is_main:
+        remove_partial_writes(run_dir)
     if args.resume is None and checkpoint_dirs(run_dir):
         raise UserError(f"{run_dir} already has checkpoints: add --resume latest to continue, or pick another --out")
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data = load_data(args)
+    evaluation = Evaluation(args, data) if (args.eval_every or args.eval_every_minutes) and is_main else None
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
 
     torch.manual_seed(args.seed)
-    model = build_model(args.preset, data.vocabulary.names)
+    model = build_model(args.preset, data.vocabulary.names, **args.model_options)
     noise_scheduler = training_scheduler(args.beta_schedule, args.timesteps, args.prediction_type)
     steps = total_steps(args, len(data), accelerator.num_processes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, steps // 10), steps)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
-    start = 0
-    if args.resume:
-        checkpoint = find_checkpoint(run_dir, args.resume)
-        start = load_checkpoint(checkpoint, model, ema, optimizer, lr_scheduler)
+    start, train_seconds = 0, 0.0
+    checkpoint = find_checkpoint(run_dir, args.resume) if args.resume else None
+    if checkpoint:
+        start, train_seconds = load_checkpoint(checkpoint, model, ema, optimizer, lr_scheduler)
         if is_main:
-            truncate_metrics(run_dir, start)
             print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
+    elif args.resume and is_main:
+        print(f"no checkpoint in {run_dir} yet: starting from step 0", file=sys.stderr)
+    if is_main:
+        truncate_metrics(run_dir, start)  # steps logged after the checkpoint are trained (and logged) again
     ema.to(device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    model, optimizer = accelerator.prepare(prepare_model(model, args.compile), optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what save_pretrained needs
     if is_main:
         (run_dir / "config.json").write_text(json.dumps({**vars(args), "total_steps": steps,
                                                          "parameters": count_parameters(raw_model)}, indent=1))
 
-    stop = StopRequest()
-    started = last_log = time.monotonic()
-    bad_steps, images_since_log = 0, 0
+    started = time.monotonic()
+    bad_steps, images_since_log, seconds_since_log = 0, 0, 0.0
     step = start
-    progress = tqdm(total=steps, initial=start, desc="training", unit="step", disable=not is_main)
-    while step < steps:
-        generator = step_generator(args.seed, step, accelerator.process_index, device)
-        index = dataset.batch_indices(len(data), args.batch_size, args.seed, step, accelerator.process_index,
-                                      accelerator.num_processes).to(device)
-        flip = None if args.no_flip else torch.rand(len(index), generator=generator, device=device) < 0.5
-        x0 = dataset.to_model_input(images[index], flip)
-        loss = training_loss(model, noise_scheduler, x0, labels[index], generator, args.cond_drop)
-        finite = bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all())
-        if not finite:
-            bad_steps += 1
-            if bad_steps > args.max_bad_steps:
-                last = checkpoint_dirs(run_dir)
-                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; stopped without saving: {where}")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1  # skip this batch: the weights stay as they were
+    with tqdm(total=steps, initial=start, desc="training", unit="step", disable=not is_main) as progress:
+        while step < steps:
+            tick = time.monotonic()
+            generator = step_generator(args.seed, step, accelerator.process_index, device)
+            x0, y = training_batch(images, labels, args.batch_size, args.seed, step, accelerator, generator,
+                                   flip=not args.no_flip)
+            loss = training_loss(model, noise_scheduler, x0, y, generator, args.cond_drop, args.snr_gamma,
+                                 args.object_weight)
+            finite = bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all())
+            if not finite:
+                bad_steps += 1
+                if bad_steps > args.max_bad_steps:
+                    last = checkpoint_dirs(run_dir)
+                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    raise NonFiniteLoss(f"non-finite loss ({loss.item()}) in step {step + 1}; "
+                                        f"stopped without saving: {where}")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1  # skip this batch: the weights stay as they were
+                progress.update(1)
+                continue
+            optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip)
+            step += 1
+            loss_value = loss.item()  # waits for the step to finish, so the timing below is true on a GPU too
+            elapsed = time.monotonic() - tick
+            train_seconds += elapsed
+            seconds_since_log += elapsed
+            images_since_log += len(x0) * accelerator.num_processes
             progress.update(1)
-            continue
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(raw_model.parameters())
-        step += 1
-        images_since_log += len(index) * accelerator.num_processes
-        progress.update(1)
 
-        out_of_time = args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60
-        stop_now = bool(accelerator.gather(torch.tensor([stop.signal is not None or out_of_time], device=device)).any())
-        if step % args.log_every == 0 and is_main:
-            now = time.monotonic()
-            record = {"step": step, "loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0],
-                      "images_per_s": images_since_log / (now - last_log), "minutes": (now - started) / 60}
-            append_metrics(run_dir, record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-            last_log, images_since_log = now, 0
-        if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):
-            save_checkpoint(run_dir, step, raw_model, ema, optimizer, lr_scheduler, noise_scheduler, args.keep)
-            plot_curves(run_dir)
-        if stop_now:
-            break
-    progress.close()
+            out_of_time = args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60
+            stop_flag = torch.tensor([stop.signal is not None or out_of_time], device=device)
+            stop_now = bool(accelerator.gather(stop_flag).any())  # every process stops at the same step
+            if is_main and step % args.log_every == 0:
+                record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "train_minutes":
+                          train_seconds / 60, "images_per_s": images_since_log / seconds_since_log}
+                append_metrics(run_dir, record)
+                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                images_since_log, seconds_since_log = 0, 0.0
+            if evaluation and evaluation.due(step, steps, train_seconds):
+                scores = evaluation(raw_model, ema, noise_scheduler)
+                append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
+                progress.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()))
+            if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):
+                save_checkpoint(run_dir, step, train_seconds, raw_model, ema, optimizer, lr_scheduler,
+                                noise_scheduler, args.keep)
+                plot_curves(run_dir)
+            if stop_now:
+                break
     accelerator.wait_for_everyone()
     if stop.signal is not None:
         print(f"interrupted by {stop.signal.name} at step {step}: checkpoint saved in {run_dir}/checkpoints; "
@@ -413,8 +542,6 @@ def main(argv=None):
         export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model")
         print(f"{'stopped after --max-minutes' if step < steps else 'done'} at step {step}: "
               f"model exported to {run_dir / 'model'}", file=sys.stderr)
-    if lock is not None:
-        lock.close()
     return 0
 
 

@@ -17,6 +17,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REAL_DATA = Path(os.environ.get("ICLEVR_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+def run_main(script, *args):
+    """A script's main() in this process, exactly as its command line runs it but without the interpreter's
+    start-up: returns (exit code, stdout, stderr)."""
+    import contextlib
+    import importlib
+    import io
+
+    import dataset
+
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            dataset.run_cli(lambda: module.main([str(a) for a in args]))
+        except SystemExit as exit:
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def last_line(text):
+    return text.strip().splitlines()[-1] if text.strip() else ""
+
+
 def run_script(script, *args, timeout=600, env=None, cwd=REPO):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
@@ -85,3 +109,27 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8):
 @pytest.fixture(scope="session", params=["linear", "cosine"])
 def trained_tiny(request, synthetic_data):
     return (request.param, *fit_tiny(synthetic_data, request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_data, tmp_path_factory):
+    """A 20-step tiny-preset run on the synthetic set (its model/ is what sample/evaluate tests use)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_script("train.py", "--data-dir", synthetic_data, "--out", out, "--preset", "tiny", "--batch-size", 8,
+                        "--log-every", 1, "--warmup-steps", 2, "--max-steps", 20, "--checkpoint-every", 10,
+                        "--keep", 1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_evaluator(tmp_path_factory):
+    """A course-format evaluator trained for about a minute on 300 synthetic scenes; returns (checkpoint,
+    stdout). Measured: 0.35 held-out accuracy, where chance is about 0.08."""
+    import synthetic
+    root = tmp_path_factory.mktemp("evaluator")
+    data = synthetic.generate(root / "data", scenes=300, seed=5, progress=False)
+    result = run_script("evaluator.py", "train", "--data-dir", data, "--out", root / "checkpoint.pth", "--epochs", 4,
+                        "--batch-size", 32, "--held-out", 0.25)
+    assert result.returncode == 0, result.stderr
+    return root / "checkpoint.pth", result.stdout
