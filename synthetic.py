@@ -29,6 +29,7 @@ HORIZONTAL_FOV = np.radians(49.1)
 LIGHT = np.array([-0.45, -0.25, 0.86]) / np.linalg.norm([-0.45, -0.25, 0.86])
 ARENA = 3.0  # objects stand in [-3, 3]^2, as in CLEVR
 SUPERSAMPLE = 2
+DEFAULT_SCENES = 2000  # what --data-dir synthetic generates: 6000 images
 MIN_VISIBLE_FRACTION = 0.002  # of the image's subpixels, for every object, or the layout is drawn again
 
 
@@ -230,8 +231,9 @@ def generate(out, scenes, max_objects=3, seed=0, conditions=32, vocabulary=None,
     return out
 
 
-def ensure_dataset(cache_dir, scenes=2000, max_objects=3, seed=0):
-    """The cached synthetic set for these settings, generated on first use."""
+def ensure_dataset(cache_dir, scenes=None, max_objects=3, seed=0):
+    """The cached synthetic set for these settings (DEFAULT_SCENES scenes unless told), made on first use."""
+    scenes = scenes or DEFAULT_SCENES
     out = Path(cache_dir) / f"synthetic-{scenes}x{max_objects}-seed{seed}"
     if not (out / "train.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
@@ -241,16 +243,41 @@ def ensure_dataset(cache_dir, scenes=2000, max_objects=3, seed=0):
     return out
 
 
+def write_comparison(data_dir, path, vocabulary, seed, count=32):
+    """Side by side: `count` synthetic images and `count` real ones with 1-3 objects (8 per row)."""
+    import torch
+    from torchvision.utils import make_grid, save_image
+
+    import dataset
+
+    mapping = dataset.read_json(Path(data_dir) / "train.json", "training label file")
+    rng = np.random.default_rng(seed)
+    real_names = rng.choice(sorted(mapping), size=count, replace=False)
+    real = [np.asarray(Image.open(Path(data_dir) / "iclevr" / name).convert("RGB")) for name in real_names]
+    camera = Camera()
+    fake = [render_scene(draw_labels(rng, vocabulary, int(rng.integers(1, 4))), rng, camera)[-1] for _ in range(count)]
+
+    def grid(images):
+        return make_grid(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, nrow=8, padding=2)
+
+    left, right = grid(fake), grid(real)
+    gap = torch.ones(3, left.shape[1], 12)
+    save_image(torch.cat([left, gap, right], dim=2), path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="synthetic-data", help="dataset folder to create (must not exist)")
-    p.add_argument("--scenes", type=int, default=2000, help="number of scenes (each gives MAX_OBJECTS images)")
+    p.add_argument("--scenes", type=int, default=DEFAULT_SCENES,
+                   help="number of scenes (each gives MAX_OBJECTS images)")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, 1..8 (i-CLEVR: 3)")
     p.add_argument("--conditions", type=int, default=32, help="label sets in test.json and new_test.json")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--labels", help="instead of a dataset, draw one scene with these comma-separated labels")
     p.add_argument("--out-image", default="scene.png", help="where --labels writes its picture")
     p.add_argument("--benchmark", type=int, metavar="N", help="render N images and print images/s")
+    p.add_argument("--compare", metavar="DATA_DIR",
+                   help="write --out-image: 32 synthetic scenes (left) beside 32 real images from DATA_DIR (right)")
     return p.parse_args(argv)
 
 
@@ -262,6 +289,9 @@ def main(argv=None):
         check_object_count(len(labels), vocabulary)
         image = render_scene(labels, np.random.default_rng(args.seed), Camera())[-1]
         Image.fromarray(image).save(args.out_image)
+        print(f"wrote {args.out_image}")
+    elif args.compare:
+        write_comparison(args.compare, args.out_image, vocabulary, args.seed)
         print(f"wrote {args.out_image}")
     elif args.benchmark:
         check_object_count(args.max_objects, vocabulary)
