@@ -1,0 +1,62 @@
+"""Compare training runs at equal training time: the last evaluation at or before each time budget.
+
+    python bench/recipe_table.py runs/cpu-a runs/cpu-b --minutes 15 30 60 --key acc_random-96-1
+    python bench/recipe_table.py runs/cpu --plot docs/cpu_recipe_curve.png
+
+Reads each run's metrics.jsonl (written by train.py --eval-every / --eval-every-minutes); the time axis is
+training wall time (evaluation and checkpoint time excluded).
+"""
+import argparse
+import json
+from pathlib import Path
+
+
+def evaluations(run):
+    path = Path(run) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in records if any(k.startswith("acc_") for k in r)]
+
+
+def at_minutes(records, key, minutes):
+    before = [r for r in records if key in r and r["train_minutes"] <= minutes + 1e-9]
+    return before[-1][key] if before else None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--minutes", nargs="+", type=float, default=[15, 30, 60, 120], help="time budgets")
+    p.add_argument("--key", help="metric to tabulate (default: every acc_* found)")
+    p.add_argument("--plot", help="also draw accuracy vs training minutes of every run into this PNG")
+    args = p.parse_args()
+    runs = {run: evaluations(run) for run in args.runs}
+    keys = [args.key] if args.key else sorted({k for records in runs.values() for r in records for k in r
+                                               if k.startswith("acc_")})
+    for key in keys:
+        print(f"{key} at training minutes")
+        print(f"{'run':<40s}" + "".join(f" {m:>6g}" for m in args.minutes))
+        for run, records in runs.items():
+            cells = [at_minutes(records, key, m) for m in args.minutes]
+            print(f"{Path(run).name:<40s}" + "".join(f" {c:>6.3f}" if c is not None else f" {'-':>6s}" for c in cells))
+        print()
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, records in runs.items():
+            for key in keys:
+                points = [r for r in records if key in r]
+                label = f"{Path(run).name} {key[4:]}" if len(runs) > 1 else key[4:]
+                ax.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker="o", label=label)
+        ax.set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1))
+        ax.axhline(0.8, color="gray", linestyle=":")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

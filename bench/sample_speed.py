@@ -1,0 +1,72 @@
+"""Seconds to generate the 32-image test grid for each sampler x steps, and that grid's accuracy.
+
+    python bench/sample_speed.py --model runs/cpu/model --conditions data/test.json --evaluator checkpoint.pth
+
+Each configuration is timed end to end through the same pipeline sample.py uses (after one untimed warm-up
+call), with --repeats runs; the median is reported. ddpm with 1000 steps is skipped for models above
+--ddpm-max-params (it takes minutes per grid on a CPU).
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
+from dataset import run_cli  # noqa: E402
+from evaluate import score  # noqa: E402
+from model import count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
+from sample import generate, pick_device  # noqa: E402
+
+DEFAULT_CONFIGS = ["ddim:10", "ddim:25", "ddim:50", "dpm++:10", "dpm++:25", "ddpm:1000"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model folder")
+    p.add_argument("--conditions", default=str(Path(dataset.DEFAULT_DATA_DIR) / "test.json"),
+                   help="condition file (default: DATA_DIR/test.json)")
+    p.add_argument("--evaluator", help="evaluator checkpoint, to report each grid's accuracy")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="sampler:steps pairs")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--device", default="auto", help="cpu or cuda")
+    p.add_argument("--ddpm-max-params", type=float, default=5e6, help="skip ddpm:1000 above this many parameters")
+    args = p.parse_args()
+
+    pipe = load_pipeline(args.model, pick_device(args.device))
+    train_config = pipe.scheduler.config  # every sampler is built from the training schedule
+    labels = dataset.load_conditions(args.conditions, pipe.unet.vocabulary)
+    vocabulary = dataset.find_vocabulary()
+    evaluator = None
+    if args.evaluator:
+        from evaluator import evaluation_model
+        evaluator = evaluation_model(args.evaluator, device=None if args.device == "auto" else args.device)
+    params = count_parameters(pipe.unet)
+    print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, guidance "
+          f"{args.guidance_scale:g}, device {pipe.device}, {torch.get_num_threads()} threads")
+    print(f"{'sampler':<8s} {'steps':>6s} {'seconds':>8s} {'accuracy':>9s}")
+    for config in args.configs:
+        sampler, steps = config.split(":")
+        steps = int(steps)
+        if sampler == "ddpm" and steps >= 1000 and params > args.ddpm_max_params:
+            print(f"{sampler:<8s} {steps:>6d} {'skipped':>8s}")
+            continue
+        pipe.scheduler = sampling_scheduler(train_config, sampler)
+        generate(pipe, labels[:1], args.seed, 1, args.guidance_scale)  # warm-up
+        times, images = [], None
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            images = generate(pipe, labels, args.seed, steps, args.guidance_scale)
+            times.append(time.perf_counter() - start)
+        accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
+        print(f"{sampler:<8s} {steps:>6d} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

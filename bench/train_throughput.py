@@ -1,0 +1,123 @@
+"""Training throughput per preset: train.py's step against a plain baseline, measured in the same run.
+
+    python bench/train_throughput.py                       # tiny and small on this machine
+    python bench/train_throughput.py --presets small --batch-size 64 --compile
+
+"ours" is exactly what train.py runs per step (batch from the preloaded uint8 tensor, random mirror, label
+dropout, loss, backward, gradient clipping, AdamW, LR schedule, EMA), with train.py's speed options.
+"plain" is the textbook step on the same UNet and batch: add_noise + MSE + AdamW in fp32, nothing else.
+Both start from the same weights; their first losses on the same batch and noise are compared.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
+import train  # noqa: E402
+from model import build_model, count_parameters, training_scheduler  # noqa: E402
+
+
+def plain_step(model, optimizer, scheduler, x0, labels, generator):
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, 1000, (len(x0),), generator=generator)
+    loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, labels), noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def timed(step, warmup, repeats, steps_per_repeat, batch):
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps_per_repeat):
+            step()
+        rates.append(batch * steps_per_repeat / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def measure(preset, args, names, images_uint8, labels):
+    torch.manual_seed(0)
+    reference = build_model(preset, names)
+    scheduler = training_scheduler()
+    accelerator = Accelerator(cpu=True)
+
+    # the same first batch and noise for both: compare the numbers before timing anything
+    x0 = dataset.to_model_input(images_uint8[:args.batch_size])
+    y = labels[:args.batch_size]
+    ours_model = train.prepare_model(copy.deepcopy(reference), args.compile)
+    with torch.no_grad():
+        ours_loss = train.training_loss(ours_model, scheduler, x0, y, torch.Generator().manual_seed(1), 0.0)
+        plain_loss = plain_step_loss(reference, scheduler, x0, y, torch.Generator().manual_seed(1))
+    mismatch = abs(ours_loss.item() - plain_loss.item()) / plain_loss.item()
+
+    plain_model = copy.deepcopy(reference)
+    plain_optimizer = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    plain = timed(lambda: plain_step(plain_model, plain_optimizer, scheduler, x0, y, generator),
+                  args.warmup, args.repeats, args.steps, args.batch_size)
+
+    optimizer = train.make_optimizer(ours_model, lr=1e-4, weight_decay=0.0)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10**6)
+    ema = EMAModel(ours_model.parameters(), decay=0.9999, use_ema_warmup=True, power=2 / 3, foreach=True)
+    ours_model, optimizer = accelerator.prepare(ours_model, optimizer)
+    state = {"step": 0}
+
+    def our_step():
+        generator = train.step_generator(0, state["step"], 0, "cpu")
+        batch, batch_labels = train.training_batch(images_uint8, labels, args.batch_size, 0, state["step"],
+                                                   accelerator, generator)
+        loss = train.training_loss(ours_model, scheduler, batch, batch_labels, generator, 0.1)
+        train.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
+        loss.item()
+        state["step"] += 1
+
+    ours = timed(our_step, args.warmup, args.repeats, args.steps, args.batch_size)
+    return count_parameters(reference), plain, ours, mismatch
+
+
+def plain_step_loss(model, scheduler, x0, labels, generator):
+    """The baseline's loss with the noise and timesteps train.training_loss draws from the same generator."""
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, 1000, (len(x0),), generator=generator)
+    torch.rand(len(x0), generator=generator)  # train.py draws its label-dropout mask here
+    return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, labels), noise)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"], help="presets to measure")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--compile", action="store_true", help="train.py --compile for 'ours'")
+    args = p.parse_args()
+    names = dataset.Vocabulary.load(dataset.DEFAULT_VOCABULARY).names
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (max(256, args.batch_size), 64, 64, 3), dtype=torch.uint8, generator=generator)
+    labels = (torch.rand(len(images), 24, generator=generator) < 0.08).float()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"compile {'on' if args.compile else 'off'}")
+    print(f"{'preset':<8s} {'params':>8s} {'plain img/s':>12s} {'ours img/s':>11s} {'ratio':>6s} {'loss diff':>10s}")
+    for preset in args.presets:
+        params, plain, ours, mismatch = measure(preset, args, names, images, labels)
+        print(f"{preset:<8s} {params / 1e6:>7.2f}M {plain:>12.1f} {ours:>11.1f} {ours / plain:>6.2f} {mismatch:>10.1e}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
