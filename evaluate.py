@@ -193,7 +193,7 @@ def main(argv=None):
         for folder in args.samples:
             record, label_lists, batch = load_sample_folder(folder, vocabulary)
             per_seed = {str(record.get("seed", 0)): score(evaluator, batch, label_lists, vocabulary)}
-            name = Path(folder).name
+            name = Path(folder).name if Path(folder).name not in results else str(folder)
             results[name], images[name] = {"seeds": per_seed, **summarise(per_seed)}, batch
             condition_sets[name] = label_lists
     else:

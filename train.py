@@ -365,12 +365,19 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
 
 
 def optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, grad_clip):
+    """Backward, gradient clipping, AdamW, LR schedule and EMA. Returns False, leaving the weights as they
+    were, when the loss or the gradient is not finite on any process."""
     accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    if not bool(accelerator.gather(finite[None]).all()):
+        optimizer.zero_grad(set_to_none=True)
+        return False
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     ema.step(accelerator.unwrap_model(model).parameters())
+    return True
 
 
 def prepare_model(model, compile_model=False):
@@ -416,14 +423,16 @@ class Evaluation:
             return True
         return step == total or bool(self.args.eval_every and step % self.args.eval_every == 0)
 
-    def __call__(self, model, ema, noise_scheduler):
+    def __call__(self, model, ema, noise_scheduler, accelerator):
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()
         pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config, self.args.eval_sampler))
         pipe.set_progress_bar_config(disable=True)
-        results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
-                                                  steps=self.args.eval_steps, guidance_scale=self.args.eval_guidance)
+        with accelerator.autocast():  # the training precision (bf16 on a GPU) for sampling too
+            results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
+                                                      steps=self.args.eval_steps,
+                                                      guidance_scale=self.args.eval_guidance)
         model.train()
         ema.restore(model.parameters())
         return {f"acc_{name}": result["mean"] for name, result in results.items()}
@@ -493,19 +502,16 @@ def train(args, accelerator, run_dir, stop):
                                    flip=not args.no_flip)
             loss = training_loss(model, noise_scheduler, x0, y, generator, args.cond_drop, args.snr_gamma,
                                  args.object_weight)
-            finite = bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all())
-            if not finite:
+            if not optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip):
                 bad_steps += 1
                 if bad_steps > args.max_bad_steps:
                     last = checkpoint_dirs(run_dir)
                     where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise NonFiniteLoss(f"non-finite loss ({loss.item()}) in step {step + 1}; "
                                         f"stopped without saving: {where}")
-                optimizer.zero_grad(set_to_none=True)
                 step += 1  # skip this batch: the weights stay as they were
                 progress.update(1)
                 continue
-            optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip)
             step += 1
             loss_value = loss.item()  # waits for the step to finish, so the timing below is true on a GPU too
             elapsed = time.monotonic() - tick
@@ -524,7 +530,7 @@ def train(args, accelerator, run_dir, stop):
                 progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0
             if evaluation and evaluation.due(step, steps, train_seconds):
-                scores = evaluation(raw_model, ema, noise_scheduler)
+                scores = evaluation(raw_model, ema, noise_scheduler, accelerator)
                 append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
                 progress.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()))
             if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):

@@ -82,7 +82,6 @@ def measure(preset, args, names, images_uint8, labels):
                                                    accelerator, generator)
         loss = train.training_loss(ours_model, scheduler, batch, batch_labels, generator, 0.1)
         train.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
-        loss.item()
         state["step"] += 1
 
     ours = timed(our_step, args.warmup, args.repeats, args.steps, args.batch_size)

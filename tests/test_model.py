@@ -106,3 +106,13 @@ def test_missing_and_foreign_model_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model folder"):
         model_lib.load_pipeline(tmp_path / "empty")
+
+
+def test_model_options_override_the_preset(vocabulary):
+    net = model_lib.build_model("tiny", vocabulary.names, block_out_channels=[16, 24],
+                                resnet_time_scale_shift="scale_shift")
+    assert list(net.config.block_out_channels) == [16, 24] and net.unet.config.resnet_time_scale_shift == "scale_shift"
+    with pytest.raises(UserError, match="unknown model option"):
+        model_lib.build_model("tiny", vocabulary.names, colour="blue")
+    with pytest.raises(UserError, match="invalid model options"):
+        model_lib.build_model("tiny", vocabulary.names, norm_num_groups=7)

@@ -57,3 +57,51 @@ def test_bad_arguments_are_one_line_errors(synthetic_data, tmp_path):
     assert code == 2 and last_line(err).endswith("error: --batch-size must be at least 1")
     code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", "--eval-every", 5)
     assert code == 2 and "--eval-every needs --evaluator" in last_line(err)
+
+
+def test_object_mask_marks_the_objects_not_the_floor(synthetic_data):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import dataset
+    from train import object_mask
+
+    image = np.asarray(Image.open(synthetic_data / "iclevr" / "SYNTH_train_000000_2.png"))
+    x0 = dataset.to_model_input(torch.from_numpy(image[None].copy()))
+    mask = object_mask(x0)[0, 0].bool()
+    saturated = torch.from_numpy((image.max(2).astype(int) - image.min(2)) > 60)  # clearly coloured pixels
+    assert 0.005 < mask.float().mean() < 0.2
+    assert mask[saturated].float().mean() > 0.95      # every coloured object pixel is in the mask
+    assert not mask[:8].any()                          # the far floor at the top is not
+
+
+def test_weighted_losses_match_their_definitions():
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    from model import training_scheduler
+    from train import object_mask, training_loss
+
+    scheduler = training_scheduler()
+    x0 = torch.rand(4, 3, 64, 64) * 2 - 1
+    labels = torch.zeros(4, 24)
+    outputs = {}
+
+    def model(noisy, t, y):
+        outputs.update(noisy=noisy, t=t)
+        return noisy * 0.5
+
+    def loss(**kwargs):
+        return training_loss(model, scheduler, x0, labels, torch.Generator().manual_seed(0), 0.0, **kwargs)
+
+    plain = loss()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    error = (outputs["noisy"] * 0.5 - noise) ** 2
+    assert plain == pytest.approx(F.mse_loss(outputs["noisy"] * 0.5, noise).item(), rel=1e-5)
+    weighted = (error * (1 + 4 * object_mask(x0))).mean()
+    assert loss(object_weight=5.0) == pytest.approx(weighted.item(), rel=1e-5)
+    snr = compute_snr(scheduler, outputs["t"])
+    min_snr = (error.mean((1, 2, 3)) * snr.clamp(max=5.0) / snr).mean()
+    assert loss(snr_gamma=5.0) == pytest.approx(min_snr.item(), rel=1e-5)
