@@ -53,7 +53,8 @@ def parse_args(argv=None):
 
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
-                       help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), tiny (tests)")
+                       help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), cpu (the CPU recipe, ~3M), "
+                            "tiny (tests)")
     model.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                        help="override one field of the preset, e.g. block_out_channels=[32,64,128] or "
                             "resnet_time_scale_shift=scale_shift (repeatable; values are JSON or plain strings)")
@@ -529,7 +530,7 @@ def train(args, accelerator, run_dir, stop):
                 append_metrics(run_dir, record)
                 progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0
-            if evaluation and evaluation.due(step, steps, train_seconds):
+            if evaluation and (evaluation.due(step, steps, train_seconds) or out_of_time):  # the last model too
                 scores = evaluation(raw_model, ema, noise_scheduler, accelerator)
                 append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
                 progress.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()))

@@ -1,6 +1,6 @@
 """Training throughput per preset: train.py's step against a plain baseline, measured in the same run.
 
-    python bench/train_throughput.py                       # tiny and small on this machine
+    python bench/train_throughput.py                       # tiny, small and cpu on this machine
     python bench/train_throughput.py --presets small --batch-size 64 --compile
 
 "ours" is exactly what train.py runs per step (batch from the preloaded uint8 tensor, random mirror, label
@@ -98,7 +98,7 @@ def plain_step_loss(model, scheduler, x0, labels, generator):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"], help="presets to measure")
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu"], help="presets to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")

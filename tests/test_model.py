@@ -30,9 +30,9 @@ def test_space_to_depth_keeps_full_resolution(tiny):
 
 def test_preset_sizes(vocabulary):
     counts = {name: model_lib.count_parameters(model_lib.build_model(name, vocabulary.names))
-              for name in ("tiny", "small", "seed")}
+              for name in ("tiny", "small", "cpu", "seed")}
     assert 110e6 < counts["seed"] < 118e6
-    assert 2e6 < counts["small"] < 4e6
+    assert 2e6 < counts["small"] < 4e6 and 2e6 < counts["cpu"] < 4e6
     assert counts["tiny"] < 0.5e6
 
 

@@ -105,3 +105,22 @@ def test_weighted_losses_match_their_definitions():
     snr = compute_snr(scheduler, outputs["t"])
     min_snr = (error.mean((1, 2, 3)) * snr.clamp(max=5.0) / snr).mean()
     assert loss(snr_gamma=5.0) == pytest.approx(min_snr.item(), rel=1e-5)
+
+
+def evaluations(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "acc_random-8-0" in r]
+
+
+@pytest.mark.parametrize("schedule, expected_steps", [(["--max-steps", "6", "--eval-every", "3"], [3, 6]),
+                                                      (["--max-steps", "6", "--max-minutes", "0",
+                                                        "--eval-every-minutes", "100"], [1])])
+def test_evaluation_during_training(schedule, expected_steps, synthetic_data, synthetic_evaluator, tmp_path):
+    """Accuracy of the EMA weights lands in metrics.jsonl at each due step and for the model a time limit stops."""
+    checkpoint, _ = synthetic_evaluator
+    result = train(synthetic_data, tmp_path / "r", *schedule, "--evaluator", checkpoint, "--eval-conditions",
+                   "random:8:0", "--eval-sampler", "ddim", "--eval-steps", "2")
+    assert result.returncode == 0, result.stderr
+    records = evaluations(tmp_path / "r")
+    assert [r["step"] for r in records] == expected_steps
+    assert all(0 <= r["acc_random-8-0"] <= 1 and r["train_minutes"] > 0 for r in records)
+    assert (tmp_path / "r" / "curves.png").exists()
