@@ -4,20 +4,22 @@
     python bench/recipe_table.py runs/cpu --plot docs/cpu_recipe_curve.png
 
 Reads each run's metrics.jsonl (written by train.py --eval-every / --eval-every-minutes); the time axis is
-training wall time (evaluation and checkpoint time excluded).
+training wall time (evaluation and checkpoint time excluded). A run that stopped before a budget shows "-".
 """
 import argparse
 import json
 from pathlib import Path
 
 
-def evaluations(run):
+def read_metrics(run):
     path = Path(run) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return [r for r in records if any(k.startswith("acc_") for k in r)]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def at_minutes(records, key, minutes):
+    """The last evaluation at or before `minutes`; None when the run stopped before that budget (5% slack)."""
+    if not records or records[-1]["train_minutes"] < 0.95 * minutes:
+        return None
     before = [r for r in records if key in r and r["train_minutes"] <= minutes + 1e-9]
     return before[-1][key] if before else None
 
@@ -29,7 +31,7 @@ def main():
     p.add_argument("--key", help="metric to tabulate (default: every acc_* found)")
     p.add_argument("--plot", help="also draw accuracy vs training minutes of every run into this PNG")
     args = p.parse_args()
-    runs = {run: evaluations(run) for run in args.runs}
+    runs = {run: read_metrics(run) for run in args.runs}
     keys = [args.key] if args.key else sorted({k for records in runs.values() for r in records for k in r
                                                if k.startswith("acc_")})
     for key in keys:

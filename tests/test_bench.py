@@ -12,3 +12,22 @@ def test_train_throughput_compares_against_the_plain_step_with_the_same_numbers(
     plain, ours, ratio, loss_diff = map(float, row.groups()[1:])
     assert plain > 0 and ours > 0 and abs(ratio - ours / plain) < 0.01
     assert loss_diff < 1e-5  # our step computes the same loss as the textbook one on the same batch and noise
+
+
+def test_recipe_table_compares_runs_at_equal_training_time(tmp_path):
+    import json
+
+    def run(name, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    long = run("long", [{"step": 10, "train_minutes": 9, "acc_test": 0.2}, {"step": 20, "train_minutes": 19,
+                                                                            "acc_test": 0.4},
+                        {"step": 30, "train_minutes": 30, "loss": 0.1}])
+    short = run("short", [{"step": 10, "train_minutes": 11, "acc_test": 0.3}])
+    result = run_script("bench/recipe_table.py", long, short, "--minutes", 5, 10, 20, 30, "--key", "acc_test")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:4]}
+    assert rows["long"] == ["-", "0.200", "0.400", "0.400"]  # the last evaluation at or before each budget
+    assert rows["short"] == ["-", "-", "-", "-"]  # stopped at 11 minutes: no claim about 20 or 30; none before 11
