@@ -13,6 +13,7 @@ import shutil
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def publish_dir(temp, final):
         os.rename(final, old)
     os.rename(temp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def replacing(path):
+    """Yield a temporary path beside `path` (same folder and suffix); once the block has written it, it replaces
+    `path` in one rename. On failure it is removed: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def make_output_dir(path):
@@ -313,9 +327,8 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
     images = decode_images(image_dir, filenames, size)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(temp, images)
-        os.replace(temp, cache_file)
+        with replacing(cache_file) as temp:
+            np.save(temp, images)
     except OSError as error:
         warn(f"could not write the image cache {cache_file} ({error}); decoding again next time")
     return images

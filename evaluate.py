@@ -11,7 +11,6 @@ checkpoint and guidance-scale choices never have to look at test.json / new_test
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -213,9 +212,9 @@ def main(argv=None):
             results[name].update(frechet=frechet_distance(features_of(evaluator, batch), reference),
                                  frechet_images=len(batch), frechet_reference=len(reference))
     print_table(results)
-    temp = json_path.with_name(f".{json_path.name}.tmp{os.getpid()}")
-    temp.write_text(json.dumps({"settings": settings, "evaluator": str(args.evaluator), "results": results}, indent=1))
-    os.replace(temp, json_path)
+    with dataset.replacing(json_path) as temp:
+        temp.write_text(json.dumps({"settings": settings, "evaluator": str(args.evaluator), "results": results},
+                                   indent=1))
     print(f"wrote {json_path}")
     return 0
 

@@ -137,9 +137,8 @@ def save_checkpoint(net, path, extra):
     """Course format ('model': state dict) plus provenance; written to a temporary file, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"model": net.state_dict(), **extra}, temp)
-    os.replace(temp, path)
+    with dataset.replacing(path) as temp:
+        torch.save({"model": net.state_dict(), **extra}, temp)
 
 
 def train(args):

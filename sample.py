@@ -89,9 +89,8 @@ def write_process_figure(pipe, labels, path, seed, steps, guidance_scale, frames
             shots.append(x[0].clamp(-1, 1).float().cpu())
 
     generate(pipe, [labels], seed, steps, guidance_scale, callback=collect)
-    temp = Path(path).with_name(f".tmp-{Path(path).name}")
-    save_image(make_grid((torch.stack(shots) + 1) / 2, nrow=len(shots), padding=2), temp, format="png")
-    os.replace(temp, path)
+    with dataset.replacing(path) as temp:
+        save_image(make_grid((torch.stack(shots) + 1) / 2, nrow=len(shots), padding=2), temp)
     return path
 
 

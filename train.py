@@ -268,9 +268,8 @@ def read_metrics(run_dir):
 def truncate_metrics(run_dir, step):
     """After a resume, drop what was logged past the checkpoint: those steps are trained again."""
     kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    temp = run_dir / f".tmp-metrics-{os.getpid()}.jsonl"
-    temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(temp, run_dir / "metrics.jsonl")
+    with dataset.replacing(run_dir / "metrics.jsonl") as temp:
+        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_curves(run_dir):
@@ -292,10 +291,9 @@ def plot_curves(run_dir):
         axes[0, 1].set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
         axes[0, 1].legend()
     fig.tight_layout()
-    temp = run_dir / f".tmp-curves-{os.getpid()}.png"
-    fig.savefig(temp, dpi=90)
+    with dataset.replacing(run_dir / "curves.png") as temp:
+        fig.savefig(temp, dpi=90)
     plt.close(fig)
-    os.replace(temp, run_dir / "curves.png")
 
 
 # ---------------------------------------------------------------------------------------------------------
