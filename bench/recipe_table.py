@@ -7,13 +7,11 @@ Reads each run's metrics.jsonl (written by train.py --eval-every / --eval-every-
 training wall time (evaluation and checkpoint time excluded). A run that stopped before a budget shows "-".
 """
 import argparse
-import json
+import sys
 from pathlib import Path
 
-
-def read_metrics(run):
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import read_metrics  # noqa: E402  (skips the half-written last line of a killed run)
 
 
 def at_minutes(records, key, minutes):
@@ -31,7 +29,7 @@ def main():
     p.add_argument("--key", help="metric to tabulate (default: every acc_* found)")
     p.add_argument("--plot", help="also draw accuracy vs training minutes of every run into this PNG")
     args = p.parse_args()
-    runs = {run: read_metrics(run) for run in args.runs}
+    runs = {run: read_metrics(Path(run)) for run in args.runs}
     keys = [args.key] if args.key else sorted({k for records in runs.values() for r in records for k in r
                                                if k.startswith("acc_")})
     for key in keys:
