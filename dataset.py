@@ -228,14 +228,32 @@ def scene_of(filename):
     return match.group(1) if match else filename
 
 
+def scene_position(scene, seed=0):
+    """A stable pseudo-random number in [0, 1) per scene: the same on every machine."""
+    digest = hashlib.sha256(f"{seed}:{scene}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_held_out(scene, fraction, seed=0):
     """Stable pseudo-random scene-level split: the same scene is on the same side on every machine."""
-    digest = hashlib.sha256(f"{seed}:{scene}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return scene_position(scene, seed) < fraction
 
 
 def split_by_scene(filenames, fraction, seed=0):
     held = np.array([is_held_out(scene_of(name), fraction, seed) for name in filenames], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def split_off_scenes(filenames, count, seed=0):
+    """(kept, held) indices, holding out whole scenes, those first in scene_position order, until at least
+    `count` images are held. They are the scenes any split_by_scene(fraction, seed) holds out first, so with the
+    same seed they stay inside the evaluator's held-out scenes."""
+    positions = np.array([scene_position(scene_of(name), seed) for name in filenames])
+    order = np.argsort(positions, kind="stable")
+    if count <= 0:
+        return np.arange(len(filenames)), np.array([], dtype=int)
+    threshold = positions[order[min(count, len(order)) - 1]]
+    held = positions <= threshold  # whole scenes: every image of the last scene shares its position
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 

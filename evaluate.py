@@ -21,7 +21,7 @@ import dataset
 from dataset import UserError, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model, topk_hits
 from model import DEFAULT_STEPS, SAMPLERS
-from sample import check_sampling_settings, generate, prepare_pipeline
+from sample import generate, prepare_pipeline
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
 
@@ -157,10 +157,12 @@ def parse_args(argv=None):
     p.add_argument("--conditions", nargs="+", metavar="FILE",
                    help="condition files, or random:N[:SEED] (default: DATA_DIR/test.json DATA_DIR/new_test.json)")
     p.add_argument("--seeds", type=int, default=1, help="score with seeds 0..N-1 and report mean ± std")
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLERS, help="sampler for --model")
-    p.add_argument("--steps", type=int, help="denoising steps (default: " +
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="sampler for --model (default: the model folder's sampling.json, else dpm++)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model folder's, else " +
                    ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance, 1 = none (default: the model folder's, else 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", default=DEFAULT_CHECKPOINT,
@@ -196,15 +198,13 @@ def main(argv=None):
             results[name], images[name] = {"seeds": per_seed, **summarise(per_seed)}, batch
             condition_sets[name] = label_lists
     else:
-        check_sampling_settings(args.sampler, args.steps, args.guidance_scale)
-        steps = args.steps or DEFAULT_STEPS[args.sampler]
-        pipe = prepare_pipeline(args.model, args.sampler, args.device)
+        pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
+                                          default_sampler="dpm++")
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         condition_sets = dict(parse_condition_arg(text, pipe.unet.vocabulary, data) for text in sources)
-        results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), steps,
-                                         args.guidance_scale, args.batch_size)
-        settings = {"model": args.model, "sampler": args.sampler, "steps": steps,
-                    "guidance_scale": args.guidance_scale, "seeds": args.seeds, "conditions": sources}
+        results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), sampling["steps"],
+                                         sampling["guidance_scale"], args.batch_size)
+        settings = {"model": args.model, **sampling, "seeds": args.seeds, "conditions": sources}
     if data is not None and args.reference_images:
         for name, batch in images.items():
             mix = dataset.object_count_mix(condition_sets[name])  # real images with the same object counts

@@ -1,8 +1,16 @@
-"""The conditional UNet, its presets, and the sampling pipeline.
+"""The conditional UNets, their presets, and the sampling pipeline.
 
-The multi-hot label vector enters through a learned projection added to the UNet's time embedding
-(`class_embed_type="identity"`: without a class embedding type, UNet2DModel silently ignores labels).
+Two ways in for the labels:
+- `ConditionalUNet` (the report's): the multi-hot label vector through a learned projection added to the UNet's
+  time embedding (`class_embed_type="identity"`: without a class embedding type, UNet2DModel silently ignores
+  labels).
+- `ObjectTokenUNet` (the CPU recipe): the same, plus one token per requested object (colour embedding + shape
+  embedding) read by cross-attention (UNet2DConditionModel), which binds each colour to its shape.
 The all-zero vector is the unconditional input for classifier-free guidance.
+
+Either model may denoise at a lower resolution than it outputs (`sample_size` 32 for `image_size` 64): training
+images are averaged down 2x2, and the pipeline upsamples its result (bicubic). i-CLEVR's 64-pixel images carry
+about 32 pixels of detail, so this loses little and makes every step 4x cheaper.
 """
 import inspect
 import json
@@ -11,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       ImagePipelineOutput, ModelMixin, UNet2DModel)
+                       ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from dataset import IMAGE_SIZE, UserError, Vocabulary
+from dataset import IMAGE_SIZE, UserError, Vocabulary, read_json
 
 PRESETS = {
     # The report's model (diffusers' 64x64 example UNet): ~114M parameters, GPU only.
@@ -37,10 +45,48 @@ PRESETS = {
     # For tests: a training step in a fraction of a second.
     "tiny": dict(fold=2, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+    # Object tokens read by cross-attention at 16x16 and 8x8, denoising at 32x32 (~4.2M parameters).
+    "tokens": dict(model="ObjectTokenUNet", sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # The same for tests.
+    "tiny-tokens": dict(model="ObjectTokenUNet", sample_size=32, block_out_channels=(16, 32), layers_per_block=1,
+                        norm_num_groups=8, cross_attention_dim=32,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
 }
 
 
-class ConditionalUNet(ModelMixin, ConfigMixin):
+def label_projection(num_labels, width):
+    """The multi-hot vector -> an addition to the time embedding."""
+    return torch.nn.Sequential(torch.nn.Linear(num_labels, width), torch.nn.SiLU(), torch.nn.Linear(width, width))
+
+
+def to_sample_size(images, size):
+    """Training images at the model's denoising resolution: 2x2 (or kxk) averages, as a camera would bin them."""
+    return images if images.shape[-1] == size else F.adaptive_avg_pool2d(images, size)
+
+
+def to_image_size(sample, size):
+    """The denoised sample at the output resolution (bicubic, then clamped to the image range)."""
+    if sample.shape[-1] == size:
+        return sample
+    return F.interpolate(sample.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+class LabelledUNetMixin:
+    """What the pipeline and the scripts need from either model: the vocabulary and the two resolutions."""
+
+    @property
+    def vocabulary(self):
+        return Vocabulary({name: i for i, name in enumerate(self.config.label_names)}, source="the model")
+
+    @property
+    def denoising_size(self):
+        return self.config.sample_size or self.config.image_size
+
+
+class ConditionalUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
     """UNet2DModel + a label projection into its time embedding.
 
     `fold` > 1 runs the UNet on space-to-depth pixels (64x64x3 -> 32x32x12 for fold 2): four times fewer
@@ -48,25 +94,19 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, label_names=(), image_size=IMAGE_SIZE, fold=1, preset=None,
+    def __init__(self, label_names=(), image_size=IMAGE_SIZE, sample_size=None, fold=1, preset=None,
                  block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
                  up_block_types=("UpBlock2D",) * 2, attention_head_dim=8, norm_num_groups=32, dropout=0.0,
                  resnet_time_scale_shift="default"):
         super().__init__()
         channels = 3 * fold * fold
         self.unet = UNet2DModel(
-            sample_size=image_size // fold, in_channels=channels, out_channels=channels,
+            sample_size=(sample_size or image_size) // fold, in_channels=channels, out_channels=channels,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
             attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, dropout=dropout,
             resnet_time_scale_shift=resnet_time_scale_shift, class_embed_type="identity")
-        embed_dim = block_out_channels[0] * 4  # UNet2DModel's time-embedding width
-        self.label_embedding = torch.nn.Sequential(
-            torch.nn.Linear(len(label_names), embed_dim), torch.nn.SiLU(), torch.nn.Linear(embed_dim, embed_dim))
-
-    @property
-    def vocabulary(self):
-        return Vocabulary({name: i for i, name in enumerate(self.config.label_names)}, source="the model")
+        self.label_embedding = label_projection(len(label_names), block_out_channels[0] * 4)  # time-embedding width
 
     def forward(self, sample, timestep, labels):
         fold = self.config.fold
@@ -75,14 +115,65 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         return F.pixel_shuffle(out, fold) if fold > 1 else out
 
 
+class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
+    """UNet2DConditionModel reading one token per requested object by cross-attention, plus the label projection
+    into its time embedding.
+
+    A label "red sphere" is split into colour ("red") and shape ("sphere"); its token is the sum of their two
+    embeddings, so every colour and every shape is learned from all the objects that have it. The tokens of a
+    label set are padded with a learned null token to `max_objects` (the all-zero vector gives only null
+    tokens: the unconditional input). Cross-attention has no positions, so the order of labels does not matter.
+    """
+
+    @register_to_config
+    def __init__(self, label_names=(), image_size=IMAGE_SIZE, sample_size=32, preset=None,
+                 block_out_channels=(32, 64, 128), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                 cross_attention_dim=128, max_objects=4, norm_num_groups=32, dropout=0.0):
+        super().__init__()
+        colours, shapes = zip(*(name.rsplit(" ", 1) if " " in name else (name, "") for name in label_names))
+        colour_names, shape_names = sorted(set(colours)), sorted(set(shapes))
+        self.register_buffer("colour_of", torch.tensor([colour_names.index(c) for c in colours]), persistent=False)
+        self.register_buffer("shape_of", torch.tensor([shape_names.index(s) for s in shapes]), persistent=False)
+        self.colour_embedding = torch.nn.Embedding(len(colour_names), cross_attention_dim)
+        self.shape_embedding = torch.nn.Embedding(len(shape_names), cross_attention_dim)
+        self.null_token = torch.nn.Parameter(torch.randn(cross_attention_dim))
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block, down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types), attention_head_dim=attention_head_dim,
+            cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups, dropout=dropout,
+            class_embed_type="identity")
+        self.label_embedding = label_projection(len(label_names), block_out_channels[0] * 4)
+
+    def object_tokens(self, labels):
+        """(B, num_labels) multi-hot -> (B, max_objects, cross_attention_dim)."""
+        per_label = self.colour_embedding(self.colour_of) + self.shape_embedding(self.shape_of)
+        present, index = labels.topk(self.config.max_objects, dim=1)
+        return torch.where(present[..., None] > 0.5, per_label[index], self.null_token.to(per_label.dtype))
+
+    def forward(self, sample, timestep, labels):
+        labels = labels.to(sample.dtype)
+        return self.unet(sample, timestep, encoder_hidden_states=self.object_tokens(labels).to(sample.dtype),
+                         class_labels=self.label_embedding(labels), return_dict=False)[0]
+
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (ConditionalUNet, ObjectTokenUNet)}
+
+
 def build_model(preset, label_names, **overrides):
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    unknown = set(overrides) - set(inspect.signature(ConditionalUNet.__init__).parameters)
+    options = {**PRESETS[preset], **overrides}
+    model_class = MODEL_CLASSES.get(options.pop("model", "ConditionalUNet"))
+    if model_class is None:
+        raise UserError(f"unknown model class {overrides['model']!r} (choose from {', '.join(MODEL_CLASSES)})")
+    unknown = set(options) - set(inspect.signature(model_class.__init__).parameters)
     if unknown:
         raise UserError(f"unknown model option(s) {', '.join(sorted(unknown))}")
     try:
-        return ConditionalUNet(label_names=list(label_names), preset=preset, **{**PRESETS[preset], **overrides})
+        return model_class(label_names=list(label_names), preset=preset, **options)
     except (ValueError, TypeError) as error:
         raise UserError(f"invalid model options {overrides}: {str(error).splitlines()[0][:160]}")
 
@@ -103,6 +194,7 @@ def training_scheduler(beta_schedule="linear", num_train_timesteps=1000, predict
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25}
+SAMPLING_FILE = "sampling.json"  # in a model folder: the sampler, steps and guidance scale it was measured with
 
 
 def sampling_scheduler(train_config, sampler):
@@ -138,8 +230,12 @@ class ICLEVRPipeline(DiffusionPipeline):
     def label_vectors(self, conditions):
         if isinstance(conditions, torch.Tensor):
             return conditions.float()
-        vocabulary = self.unet.vocabulary
-        return vocabulary.encode_all([vocabulary.check(list(c), f"condition {i}") for i, c in enumerate(conditions)])
+        vocabulary, limit = self.unet.vocabulary, getattr(self.unet.config, "max_objects", None)
+        for i, labels in enumerate(conditions):
+            vocabulary.check(list(labels), f"condition {i}")
+            if limit is not None and len(labels) > limit:
+                raise UserError(f"condition {i}: {len(labels)} labels, but this model draws at most {limit} objects")
+        return vocabulary.encode_all([list(c) for c in conditions])
 
     def predict(self, x, t, labels, guidance_scale):
         if guidance_scale == 1.0:
@@ -153,9 +249,10 @@ class ICLEVRPipeline(DiffusionPipeline):
     def __call__(self, conditions, num_inference_steps=None, guidance_scale=1.0, generator=None,
                  output_type="pil", batch_size=64, callback=None):
         """output_type: "pil", "np" (uint8 HxWx3) or "pt" (float Bx3xHxW in [-1, 1]).
-        callback(step_index, timestep, sample) sees every intermediate sample (for the process figure)."""
+        callback(step_index, timestep, sample) sees every intermediate sample, at the denoising resolution (for
+        the process figure)."""
         labels = self.label_vectors(conditions).to(self.device)
-        size = self.unet.config.image_size
+        size, image_size = self.unet.denoising_size, self.unet.config.image_size
         noise = randn_tensor((len(labels), 3, size, size), generator=generator, device=self.device,
                              dtype=self.unet.dtype)
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
@@ -168,7 +265,7 @@ class ICLEVRPipeline(DiffusionPipeline):
                 x = self.scheduler.step(output, t, x, generator=generator).prev_sample
                 if callback is not None:
                     callback(i, t, x)
-            images.append(x.clamp(-1, 1).float())
+            images.append(to_image_size(x.clamp(-1, 1).float(), image_size))
         images = torch.cat(images)
         if output_type == "pt":
             return ImagePipelineOutput(images=images)
@@ -189,10 +286,11 @@ def find_model_dir(path):
 
 
 def load_pipeline(path, device="cpu"):
-    """-> ICLEVRPipeline, with one-line errors for what is missing or foreign."""
+    """-> ICLEVRPipeline in float32 (a shipped folder may hold fp16 weights), with one-line errors for what is
+    missing or foreign. `pipe.sampling_settings` holds the folder's sampling.json ({} without one)."""
     path = find_model_dir(path)
     try:
-        pipe = ICLEVRPipeline.from_pretrained(path)
+        pipe = ICLEVRPipeline.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: cannot load the model ({str(error).splitlines()[0][:160]})")
     if not isinstance(pipe, ICLEVRPipeline):
@@ -200,4 +298,18 @@ def load_pipeline(path, device="cpu"):
     pipe = pipe.to(device)
     pipe.unet.eval()
     pipe.set_progress_bar_config(leave=False)
+    pipe.sampling_settings = read_sampling_settings(path)
     return pipe
+
+
+def read_sampling_settings(folder):
+    """The folder's sampling.json: {"sampler": ..., "steps": ..., "guidance_scale": ...}, each optional."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    settings = read_json(path, "sampling settings file")
+    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float)}
+    if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
+                                             for k, kind in expected.items()):
+        raise UserError(f'{path}: expected {{"sampler": name, "steps": integer, "guidance_scale": number}}')
+    return {k: settings[k] for k in expected if k in settings}

@@ -23,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from dataset import UserError, run_cli
-from model import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler
+from model import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler, to_image_size
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 MAX_GUIDANCE = 20.0
@@ -38,6 +38,7 @@ def pick_device(name=None):
 
 
 def check_sampling_settings(sampler, steps, guidance_scale):
+    """Refuse a sampler, step count or guidance scale out of range (from a flag or a sampling.json)."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if steps is not None and not 1 <= steps <= 1000:
@@ -47,10 +48,21 @@ def check_sampling_settings(sampler, steps, guidance_scale):
                         f"1 means no guidance)")
 
 
-def prepare_pipeline(model, sampler, device="cpu"):
+def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", default_sampler="ddpm"):
+    """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
+    model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
+    (`default_sampler`, DEFAULT_STEPS, guidance 1). -> (pipe, {"sampler", "steps", "guidance_scale"})"""
+    check_sampling_settings(sampler or default_sampler, steps, 1.0 if guidance_scale is None else guidance_scale)
     pipe = load_pipeline(model, pick_device(device))
+    saved = pipe.sampling_settings
+    sampler = sampler or saved.get("sampler", default_sampler)
+    if steps is None:
+        steps = saved["steps"] if saved.get("sampler") == sampler and "steps" in saved else DEFAULT_STEPS[sampler]
+    if guidance_scale is None:
+        guidance_scale = float(saved.get("guidance_scale", 1.0))
+    check_sampling_settings(sampler, steps, guidance_scale)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
-    return pipe
+    return pipe, {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None):
@@ -86,7 +98,7 @@ def write_process_figure(pipe, labels, path, seed, steps, guidance_scale, frames
 
     def collect(i, t, x):
         if i in keep:
-            shots.append(x[0].clamp(-1, 1).float().cpu())
+            shots.append(to_image_size(x[:1].clamp(-1, 1).float().cpu(), pipe.unet.config.image_size)[0])
 
     generate(pipe, [labels], seed, steps, guidance_scale, callback=collect)
     with dataset.replacing(path) as temp:
@@ -103,12 +115,15 @@ def parse_args(argv=None):
                         "DATA_DIR/new_test.json when neither --labels nor --process is given)")
     p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR, help="where the default condition files are")
     p.add_argument("--labels", help='one label set, comma-separated: "red sphere,cyan cube"')
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++) "
+                        "(default: the model folder's sampling.json, else ddpm)")
     p.add_argument("--steps", type=int,
-                   help="denoising steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels")
+                   help="denoising steps (default: the model folder's, else " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
+                        "(default: the model folder's, else 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -124,9 +139,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_sampling_settings(args.sampler, args.steps, args.guidance_scale)
-    steps = args.steps or DEFAULT_STEPS[args.sampler]
-    pipe = prepare_pipeline(args.model, args.sampler, args.device)
+    pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device)
+    steps, guidance_scale = sampling["steps"], sampling["guidance_scale"]
     vocabulary = pipe.unet.vocabulary
     jobs = {}
     if args.labels:
@@ -136,14 +150,13 @@ def main(argv=None):
         jobs[Path(path).stem] = (str(path), dataset.load_conditions(path, vocabulary))
     process_labels = dataset.parse_label_string(args.process_labels, vocabulary) if args.process else None
     out = dataset.make_output_dir(args.out)
-    settings = {"model": str(args.model), "sampler": args.sampler, "steps": steps,
-                "guidance_scale": args.guidance_scale, "seed": args.seed}
+    settings = {"model": str(args.model), **sampling, "seed": args.seed}
     for name, (source, label_lists) in jobs.items():
-        images = generate(pipe, label_lists, args.seed, steps, args.guidance_scale, args.batch_size)
+        images = generate(pipe, label_lists, args.seed, steps, guidance_scale, args.batch_size)
         folder = write_sample_folder(out / name, images, {"source": source, **settings, "labels": label_lists})
         print(f"wrote {folder}/grid.png and {len(images)} images")
     if process_labels:
-        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed, steps, args.guidance_scale)
+        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed, steps, guidance_scale)
         print(f"wrote {path}")
     return 0
 

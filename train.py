@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dataset
 from dataset import UserError, run_cli
-from model import (PRESETS, SAMPLERS, ConditionalUNet, ICLEVRPipeline, build_model, count_parameters,
-                   sampling_scheduler, training_scheduler)
+from model import (PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters, sampling_scheduler,
+                   to_sample_size, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -53,8 +53,9 @@ def parse_args(argv=None):
 
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
-                       help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), cpu (the CPU recipe, ~3M), "
-                            "tiny (tests)")
+                       help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), cpu (~3M, 4x4 folded "
+                            "pixels), tokens (the CPU recipe: object tokens by cross-attention, denoising at 32x32, "
+                            "~4M), tiny and tiny-tokens (tests)")
     model.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                        help="override one field of the preset, e.g. block_out_channels=[32,64,128] or "
                             "resnet_time_scale_shift=scale_shift (repeatable; values are JSON or plain strings)")
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     model.add_argument("--object-weight", type=float, default=1.0,
                        help="loss weight of object pixels (coloured or unlike the smooth floor around them) "
                             "relative to the floor; 1 = plain MSE")
+    model.add_argument("--timestep-power", type=float, default=1.0,
+                       help="draw training timesteps with density proportional to (t/T)^(P-1): 1 = uniform, 2 = "
+                            "linearly more high-noise steps, where which object to draw is decided")
     model.add_argument("--cond-drop", type=float, default=0.1,
                        help="probability of training on the all-zero (unconditional) label vector, so the same "
                             "model serves classifier-free guidance")
@@ -76,7 +80,10 @@ def parse_args(argv=None):
     opt.add_argument("--batch-size", type=int, default=64, help="images per step and process")
     opt.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    opt.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up before the cosine decay")
+    opt.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up before the LR schedule")
+    opt.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                     help="after warm-up: cosine decay to 0 at the last step, or constant (for runs whose length "
+                          "is set by --max-minutes, with EMA doing the averaging)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     opt.add_argument("--ema-decay", type=float, default=0.9999,
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
@@ -101,6 +108,15 @@ def parse_args(argv=None):
     length.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
     length.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise and dropout")
 
+    meter = p.add_argument_group("conditioning meter (are the labels used?)")
+    meter.add_argument("--meter-every", type=int, default=200,
+                       help="steps between measurements of the denoising loss on held-out scenes with the all-zero "
+                            "label minus with the true labels, per band of timesteps, into metrics.jsonl and "
+                            "curves.png (0 = off, and no scenes are held out)")
+    meter.add_argument("--meter-images", type=int, default=96,
+                       help="images of whole held-out scenes (at most a tenth of the data) kept out of training "
+                            "for the meter; they lie inside the evaluator's held-out scenes (split seed 0)")
+
     evaluation = p.add_argument_group("evaluation during training (EMA weights, main process)")
     evaluation.add_argument("--eval-every", type=int, default=0,
                             help="steps between evaluations (0 = never); needs --evaluator")
@@ -117,9 +133,13 @@ def parse_args(argv=None):
     args.model_options = dict(parse_model_option(p, text) for text in args.model_option)
     if (args.eval_every or args.eval_every_minutes) and not args.evaluator:
         p.error("--eval-every needs --evaluator (train one with: python evaluator.py train)")
-    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every", "eval_steps"):
+    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every", "eval_steps", "meter_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.timestep_power <= 0:
+        p.error("--timestep-power must be positive")
+    if args.meter_every < 0:
+        p.error("--meter-every must be 0 (off) or more")
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     return args
@@ -236,7 +256,7 @@ def load_checkpoint(path, model, ema, optimizer, lr_scheduler):
         check_compatible(unet_config, model, path)
         model.load_state_dict(load_file(path / "model.safetensors"))
         state = json.loads((path / "state.json").read_text())
-        ema_weights = ConditionalUNet.from_pretrained(path / "pipeline" / "unet")
+        ema_weights = type(model).from_pretrained(path / "pipeline" / "unet")
         ema.load_state_dict({**state["ema"], "shadow_params": [p.data for p in ema_weights.parameters()]})
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
@@ -273,23 +293,40 @@ def truncate_metrics(run_dir, step):
 
 
 def plot_curves(run_dir):
-    """curves.png: training loss, and evaluator accuracy where it was measured."""
+    """curves.png: training loss, the conditioning meter and evaluator accuracy, where they were measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
     losses = [r for r in records if "loss" in r]
+    gap_keys = sorted({k for r in records for k in r if k.startswith(GAP_PREFIX)}, key=lambda k: int(k[len(GAP_PREFIX):]))
     accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc_")})
-    fig, axes = plt.subplots(1, 2 if accuracy_keys else 1, figsize=(11 if accuracy_keys else 6, 4), squeeze=False)
-    axes[0, 0].plot([r["step"] for r in losses], [r["loss"] for r in losses])
-    axes[0, 0].set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="loss")
-    for key in accuracy_keys:
-        points = [r for r in records if key in r]
-        axes[0, 1].plot([r["train_minutes"] for r in points], [r[key] for r in points], marker="o", label=key[4:])
+    panels = 1 + bool(gap_keys) + bool(accuracy_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    loss_axis = axes.pop(0)
+    loss_axis.plot([r["step"] for r in losses], [r["loss"] for r in losses])
+    loss_axis.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="loss")
+    if gap_keys:
+        gap_axis = axes.pop(0)
+        for key in gap_keys:
+            points = [r for r in records if key in r]
+            start = int(key[len(GAP_PREFIX):])
+            gap_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker=".",
+                          label=f"t {start}-{start + points[0]['meter_band'] - 1}")
+        gap_axis.axhline(0, color="gray", lw=0.5)
+        gap_axis.set(xlabel="training minutes", ylabel="held-out x0 error: no labels - true labels",
+                     title="conditioning meter")
+        gap_axis.legend(fontsize=8)
     if accuracy_keys:
-        axes[0, 1].set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
-        axes[0, 1].legend()
+        accuracy_axis = axes.pop(0)
+        for key in accuracy_keys:
+            points = [r for r in records if key in r]
+            accuracy_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker="o",
+                               label=key[4:])
+        accuracy_axis.set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
+        accuracy_axis.legend()
     fig.tight_layout()
     with dataset.replacing(run_dir / "curves.png") as temp:
         fig.savefig(temp, dpi=90)
@@ -322,12 +359,13 @@ def step_generator(seed, step, rank, device):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
 
-def training_batch(images, labels, batch_size, seed, step, accelerator, generator, flip=True):
-    """This process's share of global step `step`: images in [-1, 1] (half of them mirrored) and labels."""
+def training_batch(images, labels, batch_size, seed, step, accelerator, generator, size, flip=True):
+    """This process's share of global step `step`: images in [-1, 1] at the model's denoising size `size` (half
+    of them mirrored) and labels."""
     index = dataset.batch_indices(len(images), batch_size, seed, step, accelerator.process_index,
                                   accelerator.num_processes).to(images.device)
     mirror = torch.rand(len(index), generator=generator, device=images.device) < 0.5 if flip else None
-    return dataset.to_model_input(images[index], mirror), labels[index]
+    return to_sample_size(dataset.to_model_input(images[index], mirror), size), labels[index]
 
 
 def object_mask(x0):
@@ -338,11 +376,19 @@ def object_mask(x0):
     return ((saturation > 0.15) | (contrast > 0.08)).float()[:, None]
 
 
-def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_gamma=0.0, object_weight=1.0):
+def training_timesteps(batch, num_timesteps, generator, device, power=1.0):
+    """Uniform timesteps, or with density proportional to (t/T)^(power-1) for power != 1."""
+    if power == 1.0:
+        return torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
+    u = torch.rand(batch, generator=generator, device=device)
+    return (u ** (1 / power) * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
+def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_gamma=0.0, object_weight=1.0,
+                  timestep_power=1.0):
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                      device=x0.device)
+    t = training_timesteps(batch, noise_scheduler.config.num_train_timesteps, generator, x0.device, timestep_power)
     keep = torch.rand(batch, generator=generator, device=x0.device) >= cond_drop
     labels = labels * keep[:, None]  # dropped rows become the all-zero "unconditional" vector
     noisy = noise_scheduler.add_noise(x0, noise, t)
@@ -361,6 +407,62 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
         snr = compute_snr(noise_scheduler, t)
         per_image = per_image * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
     return per_image.mean()
+
+
+GAP_PREFIX = "meter_gap_t"
+
+
+class ConditioningMeter:
+    """Are the labels used? On fixed images of held-out scenes, with fixed noise and fixed timesteps in each of
+    `bands` equal bands of t, the error of the model's clean-image estimate (x0, clipped to [-1, 1] as the
+    samplers clip it) with the all-zero label vector minus the error with the true labels. A model that ignores
+    its labels has gap 0 in every band. Measured on x0, not on the training target: the gap means the same for
+    epsilon- and v-prediction, and it is not scaled away at high noise, where which object to draw is decided.
+    Fixed inputs make successive values comparable: what changes between two measurements is the model alone."""
+
+    def __init__(self, data, noise_scheduler, size, bands=4, seed=0, batch_size=128):
+        x0 = to_sample_size(dataset.to_model_input(torch.from_numpy(data.images)), size)
+        labels = torch.from_numpy(data.labels)
+        generator = torch.Generator().manual_seed(seed)
+        steps = noise_scheduler.config.num_train_timesteps
+        self.band = steps // bands
+        t = torch.cat([torch.randint(b * self.band, (b + 1) * self.band, (len(x0),), generator=generator)
+                       for b in range(bands)])
+        noise = torch.randn((bands * len(x0), *x0.shape[1:]), generator=generator)
+        self.x0, self.labels = x0.repeat(bands, 1, 1, 1), labels.repeat(bands, 1)
+        self.noisy, self.t = noise_scheduler.add_noise(self.x0, noise, t), t
+        alpha_bar = noise_scheduler.alphas_cumprod[t].float()[:, None, None, None]
+        self.signal, self.noise_level = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        self.epsilon = noise_scheduler.config.prediction_type == "epsilon"
+        self.batch_size = batch_size
+
+    def clean_estimate(self, output, part):
+        """x0 from the model's output: epsilon or v (diffusers' formulas), clipped to the image range."""
+        x_t, a, s = self.noisy[part], self.signal[part], self.noise_level[part]
+        x0 = (x_t - s * output) / a if self.epsilon else a * x_t - s * output
+        return x0.clamp(-1, 1)
+
+    @torch.no_grad()
+    def per_sample_error(self, model, labels, device):
+        errors = []
+        for start in range(0, len(self.t), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            output = model(self.noisy[part].to(device), self.t[part].to(device), labels[part].to(device))
+            errors.append(((self.clean_estimate(output.float().cpu(), part) - self.x0[part]) ** 2).mean((1, 2, 3)))
+        return torch.cat(errors)
+
+    def __call__(self, model, device):
+        was_training = model.training
+        model.eval()
+        conditional = self.per_sample_error(model, self.labels, device)
+        unconditional = self.per_sample_error(model, torch.zeros_like(self.labels), device)
+        model.train(was_training)
+        band_of = self.t // self.band
+        record = {"meter_x0_error": conditional.mean().item(), "meter_gap": (unconditional - conditional).mean().item(),
+                  "meter_band": self.band}
+        for b in band_of.unique().tolist():
+            record[f"{GAP_PREFIX}{b * self.band}"] = (unconditional - conditional)[band_of == b].mean().item()
+        return record
 
 
 def optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, grad_clip):
@@ -388,6 +490,13 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def make_lr_scheduler(optimizer, schedule, warmup_steps, steps):
+    warmup = min(warmup_steps, steps // 10)
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+
+
 def total_steps(args, num_images, world_size):
     if args.max_steps is not None:
         return args.max_steps
@@ -400,6 +509,23 @@ def load_data(args):
         import synthetic
         data_dir = synthetic.ensure_dataset(Path(args.cache_dir))
     return dataset.load_training_set(data_dir, args.image_dir, args.train_json, args.vocabulary, args.cache_dir)
+
+
+def split_meter_scenes(data, args):
+    """(training set, the meter's held-out images or None)."""
+    if not args.meter_every:
+        return data, None
+    kept, held = dataset.split_off_scenes(data.filenames, min(args.meter_images, len(data) // 10))
+    return (data.subset(kept), data.subset(held)) if len(held) else (data, None)
+
+
+def check_object_counts(model, data):
+    """An object-token model reads at most max_objects labels per image: more would be silently dropped."""
+    limit = getattr(model.config, "max_objects", None)
+    most = int(data.labels.sum(1).max())
+    if limit is not None and most > limit:
+        raise UserError(f"some training images have {most} labels, but the model reads at most {limit} "
+                        f"(add --model-option max_objects={most})")
 
 
 class Evaluation:
@@ -461,17 +587,20 @@ def train(args, accelerator, run_dir, stop):
         raise UserError(f"{run_dir} already has checkpoints: add --resume latest to continue, or pick another --out")
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
-        data = load_data(args)
+        data, meter_data = split_meter_scenes(load_data(args), args)
     evaluation = Evaluation(args, data) if (args.eval_every or args.eval_every_minutes) and is_main else None
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
 
     torch.manual_seed(args.seed)
     model = build_model(args.preset, data.vocabulary.names, **args.model_options)
+    check_object_counts(model, data)
+    size = model.denoising_size
     noise_scheduler = training_scheduler(args.beta_schedule, args.timesteps, args.prediction_type)
+    meter = ConditioningMeter(meter_data, noise_scheduler, size) if meter_data is not None and is_main else None
     steps = total_steps(args, len(data), accelerator.num_processes)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, steps // 10), steps)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, steps)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     start, train_seconds = 0, 0.0
     checkpoint = find_checkpoint(run_dir, args.resume) if args.resume else None
@@ -488,7 +617,10 @@ def train(args, accelerator, run_dir, stop):
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what save_pretrained needs
     if is_main:
         (run_dir / "config.json").write_text(json.dumps({**vars(args), "total_steps": steps,
-                                                         "parameters": count_parameters(raw_model)}, indent=1))
+                                                         "parameters": count_parameters(raw_model),
+                                                         "training_images": len(data)}, indent=1))
+    if meter and start == 0:
+        append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
 
     started = time.monotonic()
     bad_steps, images_since_log, seconds_since_log = 0, 0, 0.0
@@ -497,10 +629,10 @@ def train(args, accelerator, run_dir, stop):
         while step < steps:
             tick = time.monotonic()
             generator = step_generator(args.seed, step, accelerator.process_index, device)
-            x0, y = training_batch(images, labels, args.batch_size, args.seed, step, accelerator, generator,
+            x0, y = training_batch(images, labels, args.batch_size, args.seed, step, accelerator, generator, size,
                                    flip=not args.no_flip)
             loss = training_loss(model, noise_scheduler, x0, y, generator, args.cond_drop, args.snr_gamma,
-                                 args.object_weight)
+                                 args.object_weight, args.timestep_power)
             if not optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip):
                 bad_steps += 1
                 if bad_steps > args.max_bad_steps:
@@ -528,6 +660,8 @@ def train(args, accelerator, run_dir, stop):
                 append_metrics(run_dir, record)
                 progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0
+            if meter and step % args.meter_every == 0:
+                append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **meter(raw_model, device)})
             if evaluation and (evaluation.due(step, steps, train_seconds) or out_of_time):  # the last model too
                 scores = evaluation(raw_model, ema, noise_scheduler, accelerator)
                 append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})

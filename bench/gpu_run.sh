@@ -46,13 +46,8 @@ $PYTHON evaluate.py --model "$RUN/model" --conditions $CONDITIONS --seeds "$SEED
   --json "$OUT/evaluation.json" | tee "$OUT/table.txt"
 
 cp "$RUN/metrics.jsonl" "$RUN/curves.png" "$RUN/config.json" "$OUT/"
-$PYTHON - "$RUN/model" "$OUT/model-fp16" <<'EOF'
-import sys, torch
-from model import load_pipeline
-pipe = load_pipeline(sys.argv[1])
-pipe.unet.to(torch.float16)
-pipe.save_pretrained(sys.argv[2], max_shard_size="15MB")
-EOF
+$PYTHON export.py "$RUN/model" "$OUT/model-fp16" --sampler "$SAMPLER" --steps "$STEPS" --guidance-scale "$GUIDANCE" \
+  --max-shard-mb 15
 echo "accuracy vs training minutes:" | tee -a "$OUT/table.txt"
 $PYTHON - "$RUN/metrics.jsonl" <<'EOF' | tee -a "$OUT/table.txt"
 import json, sys

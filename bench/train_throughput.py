@@ -1,6 +1,6 @@
 """Training throughput per preset: train.py's step against a plain baseline, measured in the same run.
 
-    python bench/train_throughput.py                       # tiny, small and cpu on this machine
+    python bench/train_throughput.py                       # tiny, small, cpu and tokens on this machine
     python bench/train_throughput.py --presets small --batch-size 64 --compile
 
 "ours" is exactly what train.py runs per step (batch from the preloaded uint8 tensor, random mirror, label
@@ -10,6 +10,7 @@ Both start from the same weights; their first losses on the same batch and noise
 """
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -24,7 +25,7 @@ from diffusers.training_utils import EMAModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 import train  # noqa: E402
-from model import build_model, count_parameters, training_scheduler  # noqa: E402
+from model import build_model, count_parameters, to_sample_size, training_scheduler  # noqa: E402
 
 
 def plain_step(model, optimizer, scheduler, x0, labels, generator):
@@ -56,7 +57,8 @@ def measure(preset, args, names, images_uint8, labels):
     accelerator = Accelerator(cpu=True)
 
     # the same first batch and noise for both: compare the numbers before timing anything
-    x0 = dataset.to_model_input(images_uint8[:args.batch_size])
+    size = reference.denoising_size
+    x0 = to_sample_size(dataset.to_model_input(images_uint8[:args.batch_size]), size)
     y = labels[:args.batch_size]
     ours_model = train.prepare_model(copy.deepcopy(reference), args.compile)
     with torch.no_grad():
@@ -79,7 +81,7 @@ def measure(preset, args, names, images_uint8, labels):
     def our_step():
         generator = train.step_generator(0, state["step"], 0, "cpu")
         batch, batch_labels = train.training_batch(images_uint8, labels, args.batch_size, 0, state["step"],
-                                                   accelerator, generator)
+                                                   accelerator, generator, size)
         loss = train.training_loss(ours_model, scheduler, batch, batch_labels, generator, 0.1)
         train.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
         state["step"] += 1
@@ -98,12 +100,13 @@ def plain_step_loss(model, scheduler, x0, labels, generator):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu"], help="presets to measure")
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu", "tokens"], help="presets to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--compile", action="store_true", help="train.py --compile for 'ours'")
+    p.add_argument("--json", help="also write the unrounded numbers of every row to this file")
     args = p.parse_args()
     names = dataset.Vocabulary.load(dataset.DEFAULT_VOCABULARY).names
     generator = torch.Generator().manual_seed(0)
@@ -112,10 +115,16 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"compile {'on' if args.compile else 'off'}")
     print(f"{'preset':<8s} {'params':>8s} {'plain img/s':>12s} {'ours img/s':>11s} {'ratio':>6s} {'loss diff':>10s}")
+    rows = []
     for preset in args.presets:
         params, plain, ours, mismatch = measure(preset, args, names, images, labels)
+        rows.append(dict(preset=preset, parameters=params, plain=plain, ours=ours, ratio=ours / plain,
+                         loss_diff=mismatch))
         print(f"{preset:<8s} {params / 1e6:>7.2f}M {plain:>12.1f} {ours:>11.1f} {ours / plain:>6.2f} {mismatch:>10.1e}",
               flush=True)
+    if args.json:
+        with dataset.replacing(args.json) as temp:
+            temp.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ def write_json(tmp_path):
     return write
 
 
-def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8):
-    """Train the tiny preset on `count` images in-process; returns (model, scheduler, x0, labels, losses)
-    where losses are the fixed-noise evaluation losses before and after."""
+def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, preset="tiny", seed=0):
+    """Train a tiny preset on `count` images in-process; returns (model, scheduler, x0, labels, losses)
+    where x0 is at the model's denoising size and losses are the fixed-noise evaluation losses before and after."""
     import torch
 
     import dataset
@@ -86,10 +86,10 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8):
     from train import training_loss
 
     data = dataset.load_training_set(data_dir)
-    x0 = dataset.to_model_input(torch.from_numpy(data.images[:count]))
     labels = torch.from_numpy(data.labels[:count])
-    torch.manual_seed(0)
-    net = model_lib.build_model("tiny", data.vocabulary.names)
+    torch.manual_seed(seed)
+    net = model_lib.build_model(preset, data.vocabulary.names)
+    x0 = model_lib.to_sample_size(dataset.to_model_input(torch.from_numpy(data.images[:count])), net.denoising_size)
     scheduler = model_lib.training_scheduler(beta_schedule)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
 
@@ -106,9 +106,12 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8):
     return net.eval(), scheduler, x0, labels, (before, evaluation_loss())
 
 
-@pytest.fixture(scope="session", params=["linear", "cosine"])
+@pytest.fixture(scope="session", params=[("tiny", "linear"), ("tiny", "cosine"), ("tiny-tokens", "linear"),
+                                          ("tiny-tokens", "cosine")], ids="/".join)
 def trained_tiny(request, synthetic_data):
-    return (request.param, *fit_tiny(synthetic_data, request.param))
+    """Both model classes, each with both noise schedules: (name, model, scheduler, x0, labels, losses)."""
+    preset, schedule = request.param
+    return (f"{preset}/{schedule}", *fit_tiny(synthetic_data, schedule, preset=preset))
 
 
 @pytest.fixture(scope="session")

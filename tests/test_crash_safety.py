@@ -26,14 +26,25 @@ def start_training(data, out, *args, log):
 
 
 def logged_steps(run_dir):
+    """Steps with a training-loss record (meter and evaluation records aside)."""
     path = run_dir / "metrics.jsonl"
     steps = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
     return steps
+
+
+def metrics_file_id(run_dir):
+    """Which metrics.jsonl is there (it is replaced, not edited, when a run resumes); None before the first."""
+    try:
+        return (run_dir / "metrics.jsonl").stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def wait_for(condition, process, timeout=120, poll=0.001):
@@ -64,19 +75,23 @@ def assert_checkpoints_readable(run_dir):
 
 def test_sigkill_anywhere_loses_at_most_one_interval(synthetic_data, tmp_path):
     """Kill the trainer KILLS times at random moments (every third one while a checkpoint is being
-    written), resume with --resume latest each time, and check what survives."""
-    out, interval, total = tmp_path / "run", 4, 40 + 4 * KILLS
+    written), resume with --resume latest each time, and check what survives. The moments are counted in
+    training steps, not seconds, so that a fast machine cannot finish the run before it is killed."""
+    out, interval, total = tmp_path / "run", 4, 60 + 8 * KILLS
     rng = random.Random(0)
     for kill in range(KILLS):
         resumed_from = max(checkpoint_steps(out), default=0)
+        stale = metrics_file_id(out)  # a resumed run rewrites metrics.jsonl first: wait for its own steps
         process = start_training(synthetic_data, out, "--max-steps", total, "--checkpoint-every", interval,
                                  "--keep", 2, "--resume", "latest", log=tmp_path / f"life{kill}.log")
-        assert wait_for(lambda: max(logged_steps(out), default=0) > resumed_from, process), \
-            (tmp_path / f"life{kill}.log").read_text()
+        assert wait_for(lambda: metrics_file_id(out) != stale and max(logged_steps(out), default=0) > resumed_from,
+                        process), (tmp_path / f"life{kill}.log").read_text()
         if kill % 3 == 0:  # during a checkpoint write: its temporary folder exists
             wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), process)
-        else:
-            time.sleep(rng.uniform(0.0, 2.0))
+        else:  # somewhere within the next two checkpoint intervals
+            target = max(logged_steps(out), default=0) + rng.randrange(0, 2 * interval)
+            wait_for(lambda: max(logged_steps(out), default=0) >= target, process)
+            time.sleep(rng.uniform(0.0, 0.03))  # and at any point inside a step
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert_checkpoints_readable(out)
@@ -178,6 +193,7 @@ def test_two_processes_train_and_resume(synthetic_data, tmp_path):
     assert rest.returncode == 0, rest.stderr
 
     def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in records if "loss" in r]
 
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)

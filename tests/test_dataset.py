@@ -164,3 +164,16 @@ def test_real_training_set(real_data, tmp_path_factory):
     assert set(data.labels.sum(1).tolist()) == {1.0, 2.0, 3.0}
     for name in ("test.json", "new_test.json"):
         assert len(dataset.load_conditions(real_data / name, data.vocabulary)) == 32
+
+
+def test_meter_scenes_are_whole_scenes_inside_the_evaluator_held_out_split():
+    import dataset
+
+    names = [f"CLEVR_train_{scene:06d}_{k}.png" for scene in range(600) for k in range(3)]
+    kept, held = dataset.split_off_scenes(names, 20)
+    held_scenes = {dataset.scene_of(names[i]) for i in held}
+    assert 20 <= len(held) < 23 and len(held) == 3 * len(held_scenes)  # whole triples only
+    assert sorted([*kept, *held]) == list(range(len(names)))
+    evaluator_held = set(dataset.split_by_scene(names, 0.1, seed=0)[1])
+    assert set(held) <= evaluator_held
+    assert len(dataset.split_off_scenes(names, 0)[1]) == 0

@@ -165,3 +165,57 @@ def test_existing_run_without_resume(resumable_run, synthetic_data):
     assert (code, last_line(err)) == (2, f"error: {out} already has checkpoints: add --resume latest to continue, "
                                          f"or pick another --out")
     assert snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens_model(vocabulary, tmp_path_factory):
+    import torch
+
+    import model as model_lib
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tokens") / "model"
+    model_lib.ICLEVRPipeline(unet=model_lib.build_model("tiny-tokens", vocabulary.names),
+                             scheduler=model_lib.training_scheduler()).save_pretrained(folder)
+    return folder
+
+
+def test_more_objects_than_a_token_model_draws(tiny_tokens_model, earlier_samples):
+    before = snapshot(earlier_samples)
+    code, _, err = run_main("sample.py", "--model", tiny_tokens_model, "--out", earlier_samples, "--sampler", "ddim",
+                            "--steps", 2, "--labels", "red sphere,cyan cube,gray cube,blue cube,green cube")
+    assert (code, last_line(err)) == (2, "error: condition 0: 5 labels, but this model draws at most 4 objects")
+    assert snapshot(earlier_samples) == before
+
+
+def test_training_images_with_more_objects_than_the_model_reads(tmp_path):
+    import synthetic
+
+    data = synthetic.generate(tmp_path / "five", scenes=3, max_objects=5, seed=0, progress=False)
+    code, _, err = run_main("train.py", "--data-dir", data, "--out", tmp_path / "run", "--preset", "tiny-tokens",
+                            "--batch-size", 2, "--max-steps", 1)
+    assert (code, last_line(err)) == (2, "error: some training images have 5 labels, but the model reads at most 4 "
+                                         "(add --model-option max_objects=5)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_sampling_settings_file(tiny_tokens_model, earlier_samples, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tokens_model, model)
+    (model / "sampling.json").write_text('{"sampler": "ddim", "steps": "many"}')
+    before = snapshot(earlier_samples)
+    code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
+    assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: expected {{"sampler": name, "steps": '
+                                         f'integer, "guidance_scale": number}}')
+    (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_scale": 50}')
+    code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
+    assert (code, last_line(err)) == (2, "error: --guidance-scale must be between 0 and 20 (got 50; 1 means no "
+                                         "guidance)")
+    assert snapshot(earlier_samples) == before
+
+
+def test_unknown_model_class(synthetic_data, tmp_path):
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "run", "--preset", "tiny",
+                            "--model-option", "model=Transformer")
+    assert (code, last_line(err)) == (2, "error: unknown model class 'Transformer' (choose from ConditionalUNet, "
+                                         "ObjectTokenUNet)")

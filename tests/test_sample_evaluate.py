@@ -91,3 +91,37 @@ def test_generate_and_score_in_one_go_equals_sample_then_score(samples, tiny_run
     assert b["test"]["std"] == pytest.approx(np.std(accuracies))
     assert set(b) == {"test", "random-20-7"} and len(b["random-20-7"]["seeds"]) == 4
     assert "mean±std" in direct.stdout
+
+
+def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_run, tmp_path):
+    """export.py: fp16 safetensors and sampling.json; sample.py uses those settings unless a flag overrides them
+    (the folder's steps only with its own sampler)."""
+    from safetensors.torch import load_file
+
+    from model import load_pipeline
+
+    shipped = tmp_path / "shipped"
+    result = run_script("export.py", tiny_run / "model", shipped, "--sampler", "ddim", "--steps", 3,
+                        "--guidance-scale", 2)
+    assert result.returncode == 0, result.stderr
+    weights = load_file(shipped / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+    original, loaded = load_pipeline(tiny_run / "model"), load_pipeline(shipped)
+    assert loaded.unet.dtype == torch.float32 and loaded.sampling_settings == {"sampler": "ddim", "steps": 3,
+                                                                               "guidance_scale": 2.0}
+    x, t, y = torch.randn(2, 3, 64, 64), torch.tensor([10, 900]), torch.eye(24)[:2]
+    with torch.no_grad():
+        assert torch.allclose(original.unet(x, t, y), loaded.unet(x, t, y), atol=2e-2)
+
+    def settings(*flags):
+        out = tmp_path / f"s{len(flags)}"
+        done = run_script("sample.py", "--model", shipped, "--out", out, "--labels", "red sphere", *flags)
+        assert done.returncode == 0, done.stderr
+        record = json.loads((out / "labels" / "conditions.json").read_text())
+        return record["sampler"], record["steps"], record["guidance_scale"]
+
+    assert settings() == ("ddim", 3, 2.0)
+    assert settings("--steps", 2, "--guidance-scale", 1) == ("ddim", 2, 1.0)
+    assert settings("--sampler", "dpm++", "--steps", 2) == ("dpm++", 2, 2.0)
+    assert settings("--sampler", "dpm++", "--seed", 1) == ("dpm++", 25, 2.0)  # not the folder's 3 ddim steps
+    assert not list(tmp_path.glob(".tmp-*"))

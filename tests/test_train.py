@@ -11,8 +11,12 @@ def train(data_dir, out, *args, **kwargs):
     return run_script("train.py", "--data-dir", data_dir, "--out", out, *TINY, *args, **kwargs)
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def test_tiny_run_writes_checkpoint_metrics_and_model(tiny_run):
@@ -124,3 +128,94 @@ def test_evaluation_during_training(schedule, expected_steps, synthetic_data, sy
     assert [r["step"] for r in records] == expected_steps
     assert all(0 <= r["acc_random-8-0"] <= 1 and r["train_minutes"] > 0 for r in records)
     assert (tmp_path / "r" / "curves.png").exists()
+
+
+def meter_for(synthetic_data, size=64):
+    """A meter on 12 synthetic images."""
+    import dataset
+    from model import training_scheduler
+    from train import ConditioningMeter
+
+    data = dataset.load_training_set(synthetic_data)
+    held = data.subset(range(12))
+    return ConditioningMeter(held, training_scheduler(), size, bands=4, seed=0, batch_size=16), held
+
+
+def test_meter_is_zero_for_a_model_that_ignores_its_labels(synthetic_data):
+    import torch
+
+    meter, _ = meter_for(synthetic_data)
+    blind = torch.nn.Module()
+    blind.forward = lambda x, t, y: x * 0.3
+    record = meter(blind, "cpu")
+    gaps = [record[f"meter_gap_t{start}"] for start in (0, 250, 500, 750)]
+    assert gaps == [0.0] * 4 and record["meter_gap"] == 0.0 and record["meter_x0_error"] > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_meter_is_the_clean_image_error_without_labels_minus_with_them(synthetic_data, prediction_type):
+    """A model that predicts its target exactly when it sees labels and predicts zero without them: with labels
+    its clean-image estimate is exact (error 0); without, the estimate is what zero output gives (x_t / sqrt(alpha
+    bar) for epsilon, sqrt(alpha bar) x_t for v), clipped. Calls are repeatable."""
+    import torch
+
+    import dataset
+    from model import training_scheduler
+    from train import ConditioningMeter
+
+    data = dataset.load_training_set(synthetic_data)
+    scheduler = training_scheduler(prediction_type=prediction_type)
+    meter = ConditioningMeter(data.subset(range(12)), scheduler, 32, bands=4, seed=0, batch_size=16)
+    assert meter.noisy.shape == (48, 3, 32, 32)
+    assert sorted(meter.t.div(250, rounding_mode="floor").unique().tolist()) == [0, 1, 2, 3]
+    noise = (meter.noisy - meter.signal * meter.x0) / meter.noise_level
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(meter.x0, noise, meter.t)
+    lookup = {(int(t), round(float(x.sum()), 2)): y for x, t, y in zip(meter.noisy, meter.t, target)}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t, y):
+            exact = torch.stack([lookup[(int(ti), round(float(xi.sum()), 2))] for xi, ti in zip(x, t)])
+            return exact * (y.sum(1) > 0).float()[:, None, None, None]
+
+    first, second = meter(Oracle(), "cpu"), meter(Oracle(), "cpu")
+    assert first == second
+    assert first["meter_x0_error"] < 1e-6
+    zero_output = meter.noisy / meter.signal if prediction_type == "epsilon" else meter.signal * meter.noisy
+    unconditional = ((zero_output.clamp(-1, 1) - meter.x0) ** 2).mean((1, 2, 3))
+    for band in range(4):
+        expected = unconditional[meter.t // 250 == band].mean().item()
+        assert first[f"meter_gap_t{band * 250}"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if prediction_type == "epsilon":  # zero noise predicted: x_t / sqrt(alpha bar) blows up at high noise
+        assert first["meter_gap_t750"] > first["meter_gap_t0"]
+
+
+def test_training_logs_the_meter_on_held_out_scenes(synthetic_data, tmp_path):
+    import dataset
+
+    result = train(synthetic_data, tmp_path / "r", "--max-steps", "4", "--meter-every", "2", "--meter-images", "6")
+    assert result.returncode == 0, result.stderr
+    meters = [r for r in records(tmp_path / "r") if "meter_gap" in r]
+    assert [r["step"] for r in meters] == [0, 2, 4]
+    assert all(set(r) >= {"meter_gap_t0", "meter_gap_t750", "meter_x0_error", "train_minutes"} for r in meters)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    names = sorted(json.loads((synthetic_data / "train.json").read_text()))
+    kept, held = dataset.split_off_scenes(names, 6)
+    assert config["training_images"] == len(kept) == len(names) - len(held) and len(held) >= 6
+    off = train(synthetic_data, tmp_path / "off", "--max-steps", "2", "--meter-every", "0")
+    assert off.returncode == 0, off.stderr
+    assert not [r for r in records(tmp_path / "off") if "meter_gap" in r]
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["training_images"] == len(names)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_timestep_power_favours_high_noise(power):
+    """Density proportional to (t/T)^(P-1): the mean of t/T is P/(P+1); power 1 is torch.randint itself."""
+    import torch
+
+    from train import training_timesteps
+
+    t = training_timesteps(200_000, 1000, torch.Generator().manual_seed(0), "cpu", power)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
+    assert abs((t.float() + 0.5).mean().item() / 1000 - power / (power + 1)) < 0.005
+    if power == 1.0:
+        assert torch.equal(t, torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0)))

@@ -1,0 +1,68 @@
+"""Make a small model folder to share from a trained one: half-precision weights (safetensors) and the sampling
+settings it was measured with (sampling.json), which sample.py and evaluate.py use when no flag overrides them.
+
+    python export.py runs/tokens/model pretrained/tokens-cpu --sampler ddim --steps 15 --guidance-scale 3
+
+The folder is written under a temporary name and moved into place, so it is complete or absent. Loading gives
+float32 weights again (sample.py, evaluate.py, ICLEVRPipeline.from_pretrained(..., dtype=torch.float32)).
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import dataset
+from dataset import UserError, run_cli
+from model import DEFAULT_STEPS, SAMPLERS, SAMPLING_FILE, ICLEVRPipeline, load_pipeline
+from sample import check_sampling_settings
+
+
+def folder_megabytes(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def export(source, destination, sampling, half=True, max_shard_mb=None):
+    """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` settings;
+    `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
+    pipe = load_pipeline(source)
+    destination = Path(destination)
+    dataset.make_output_dir(destination.parent)
+    temp = destination.with_name(f".tmp-{destination.name}-{os.getpid()}")
+    unet = pipe.unet.half() if half else pipe.unet
+    shards = {"max_shard_size": f"{max_shard_mb}MB"} if max_shard_mb else {}
+    ICLEVRPipeline(unet=unet, scheduler=pipe.scheduler).save_pretrained(temp, **shards)
+    (temp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=1) + "\n")
+    dataset.publish_dir(temp, destination)
+    return destination
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="trained model: RUN/model, a run folder or a checkpoint RUN/checkpoints/step-N")
+    p.add_argument("destination", help="new model folder, e.g. pretrained/NAME (replaced if it exists)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler the model was measured with")
+    p.add_argument("--steps", type=int, help="its denoising steps (default: " +
+                   ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="its classifier-free guidance scale")
+    p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
+    p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    check_sampling_settings(args.sampler, steps, args.guidance_scale)
+    if Path(args.destination).resolve() == Path(args.source).resolve():
+        raise UserError(f"{args.destination}: the destination must differ from the source")
+    sampling = {"sampler": args.sampler, "steps": steps, "guidance_scale": args.guidance_scale}
+    folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
+    print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {args.sampler}, {steps} steps, "
+          f"guidance {args.guidance_scale:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
