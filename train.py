@@ -110,9 +110,10 @@ def parse_args(argv=None):
 
     meter = p.add_argument_group("conditioning meter (are the labels used?)")
     meter.add_argument("--meter-every", type=int, default=200,
-                       help="steps between measurements of the denoising loss on held-out scenes with the all-zero "
-                            "label minus with the true labels, per band of timesteps, into metrics.jsonl and "
-                            "curves.png (0 = off, and no scenes are held out)")
+                       help="steps between measurements of the share of the held-out denoising loss that the true "
+                            "labels remove (loss with the all-zero label minus loss with the true labels, over the "
+                            "former), per band of timesteps, into metrics.jsonl and curves.png (0 = off, and no "
+                            "scenes are held out)")
     meter.add_argument("--meter-images", type=int, default=96,
                        help="images of whole held-out scenes (at most a tenth of the data) kept out of training "
                             "for the meter; they lie inside the evaluator's held-out scenes (split seed 0)")
@@ -300,25 +301,26 @@ def plot_curves(run_dir):
 
     records = read_metrics(run_dir)
     losses = [r for r in records if "loss" in r]
-    gap_keys = sorted({k for r in records for k in r if k.startswith(GAP_PREFIX)}, key=lambda k: int(k[len(GAP_PREFIX):]))
+    share_keys = sorted({k for r in records for k in r if k.startswith(SHARE_PREFIX)},
+                        key=lambda k: int(k[len(SHARE_PREFIX):]))
     accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc_")})
-    panels = 1 + bool(gap_keys) + bool(accuracy_keys)
+    panels = 1 + bool(share_keys) + bool(accuracy_keys)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     axes = list(axes[0])
     loss_axis = axes.pop(0)
     loss_axis.plot([r["step"] for r in losses], [r["loss"] for r in losses])
     loss_axis.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="loss")
-    if gap_keys:
-        gap_axis = axes.pop(0)
-        for key in gap_keys:
+    if share_keys:
+        share_axis = axes.pop(0)
+        for key in share_keys:
             points = [r for r in records if key in r]
-            start = int(key[len(GAP_PREFIX):])
-            gap_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker=".",
-                          label=f"t {start}-{start + points[0]['meter_band'] - 1}")
-        gap_axis.axhline(0, color="gray", lw=0.5)
-        gap_axis.set(xlabel="training minutes", ylabel="held-out x0 error: no labels - true labels",
-                     title="conditioning meter")
-        gap_axis.legend(fontsize=8)
+            start = int(key[len(SHARE_PREFIX):])
+            share_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker=".",
+                            label=f"t {start}-{start + points[0]['meter_band'] - 1}")
+        share_axis.axhline(0, color="gray", lw=0.5)
+        share_axis.set(xlabel="training minutes", ylabel="share of the held-out loss the labels remove",
+                       title="conditioning meter")
+        share_axis.legend(fontsize=8)
     if accuracy_keys:
         accuracy_axis = axes.pop(0)
         for key in accuracy_keys:
@@ -409,16 +411,17 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
     return per_image.mean()
 
 
-GAP_PREFIX = "meter_gap_t"
+SHARE_PREFIX = "meter_share_t"
 
 
 class ConditioningMeter:
     """Are the labels used? On fixed images of held-out scenes, with fixed noise and fixed timesteps in each of
-    `bands` equal bands of t, the error of the model's clean-image estimate (x0, clipped to [-1, 1] as the
-    samplers clip it) with the all-zero label vector minus the error with the true labels. A model that ignores
-    its labels has gap 0 in every band. Measured on x0, not on the training target: the gap means the same for
-    epsilon- and v-prediction, and it is not scaled away at high noise, where which object to draw is decided.
-    Fixed inputs make successive values comparable: what changes between two measurements is the model alone."""
+    `bands` equal bands of t, the denoising loss with the all-zero label vector and with the true labels; per band,
+    the gap (no labels - true labels) as a fraction of the loss without labels: 0 for a model that ignores its
+    labels, 1 for one that needs nothing but them. The fraction, not the raw gap: epsilon-loss shrinks with the
+    signal-to-noise ratio, so at high noise, where which object to draw is decided, a raw gap would be scaled
+    away; the fraction means the same for epsilon and v. Fixed inputs make successive values comparable: what
+    changes between two measurements is the model alone."""
 
     def __init__(self, data, noise_scheduler, size, bands=4, seed=0, batch_size=128):
         x0 = to_sample_size(dataset.to_model_input(torch.from_numpy(data.images)), size)
@@ -429,39 +432,34 @@ class ConditioningMeter:
         t = torch.cat([torch.randint(b * self.band, (b + 1) * self.band, (len(x0),), generator=generator)
                        for b in range(bands)])
         noise = torch.randn((bands * len(x0), *x0.shape[1:]), generator=generator)
-        self.x0, self.labels = x0.repeat(bands, 1, 1, 1), labels.repeat(bands, 1)
-        self.noisy, self.t = noise_scheduler.add_noise(self.x0, noise, t), t
-        alpha_bar = noise_scheduler.alphas_cumprod[t].float()[:, None, None, None]
-        self.signal, self.noise_level = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        self.epsilon = noise_scheduler.config.prediction_type == "epsilon"
+        x0, self.labels = x0.repeat(bands, 1, 1, 1), labels.repeat(bands, 1)
+        self.noisy, self.t = noise_scheduler.add_noise(x0, noise, t), t
+        epsilon = noise_scheduler.config.prediction_type == "epsilon"
+        self.target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
         self.batch_size = batch_size
 
-    def clean_estimate(self, output, part):
-        """x0 from the model's output: epsilon or v (diffusers' formulas), clipped to the image range."""
-        x_t, a, s = self.noisy[part], self.signal[part], self.noise_level[part]
-        x0 = (x_t - s * output) / a if self.epsilon else a * x_t - s * output
-        return x0.clamp(-1, 1)
-
     @torch.no_grad()
-    def per_sample_error(self, model, labels, device):
-        errors = []
+    def per_sample_loss(self, model, labels, device):
+        losses = []
         for start in range(0, len(self.t), self.batch_size):
             part = slice(start, start + self.batch_size)
-            output = model(self.noisy[part].to(device), self.t[part].to(device), labels[part].to(device))
-            errors.append(((self.clean_estimate(output.float().cpu(), part) - self.x0[part]) ** 2).mean((1, 2, 3)))
-        return torch.cat(errors)
+            prediction = model(self.noisy[part].to(device), self.t[part].to(device), labels[part].to(device))
+            losses.append(((prediction.float().cpu() - self.target[part]) ** 2).mean((1, 2, 3)))
+        return torch.cat(losses)
 
     def __call__(self, model, device):
         was_training = model.training
         model.eval()
-        conditional = self.per_sample_error(model, self.labels, device)
-        unconditional = self.per_sample_error(model, torch.zeros_like(self.labels), device)
+        conditional = self.per_sample_loss(model, self.labels, device)
+        unconditional = self.per_sample_loss(model, torch.zeros_like(self.labels), device)
         model.train(was_training)
         band_of = self.t // self.band
-        record = {"meter_x0_error": conditional.mean().item(), "meter_gap": (unconditional - conditional).mean().item(),
-                  "meter_band": self.band}
+        record = {"meter_loss": conditional.mean().item(), "meter_band": self.band,
+                  "meter_share": ((unconditional - conditional).sum() / unconditional.sum()).item()}
         for b in band_of.unique().tolist():
-            record[f"{GAP_PREFIX}{b * self.band}"] = (unconditional - conditional)[band_of == b].mean().item()
+            inside = band_of == b
+            share = (unconditional[inside] - conditional[inside]).sum() / unconditional[inside].sum()
+            record[f"{SHARE_PREFIX}{b * self.band}"] = share.item()
         return record
 
 
@@ -618,7 +616,8 @@ def train(args, accelerator, run_dir, stop):
     if is_main:
         (run_dir / "config.json").write_text(json.dumps({**vars(args), "total_steps": steps,
                                                          "parameters": count_parameters(raw_model),
-                                                         "training_images": len(data)}, indent=1))
+                                                         "training_images": len(data), "images_per_step":
+                                                         args.batch_size * accelerator.num_processes}, indent=1))
     if meter and start == 0:
         append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
 

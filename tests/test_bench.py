@@ -37,3 +37,21 @@ def test_recipe_table_compares_runs_at_equal_training_time(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:4]}
     assert rows["long"] == ["-", "0.200", "0.400", "0.400"]  # the last evaluation at or before each budget
     assert rows["short"] == ["-", "-", "-", "-"]  # stopped at 11 minutes: no claim about 20 or 30; none before 11
+
+
+def test_recipe_table_compares_runs_at_equal_numbers_of_images(tmp_path):
+    """--kimages: steps x images per step from config.json; a run of bigger batches reaches a budget sooner."""
+    def run(name, images_per_step, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / name / "config.json").write_text(json.dumps({"batch_size": 1, "images_per_step": images_per_step}))
+        return tmp_path / name
+
+    small = run("small", 32, [{"step": 500, "train_minutes": 30, "acc_test": 0.2},
+                              {"step": 1000, "train_minutes": 60, "acc_test": 0.3}])
+    big = run("big", 64, [{"step": 500, "train_minutes": 50, "acc_test": 0.35}])
+    result = run_script("bench/recipe_table.py", small, big, "--kimages", 16, 32, "--key", "acc_test")
+    assert result.returncode == 0, result.stderr
+    assert "acc_test at thousands of training images" in result.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:4]}
+    assert rows["small"] == ["0.200", "0.300"] and rows["big"] == ["-", "0.350"]

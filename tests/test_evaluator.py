@@ -95,8 +95,10 @@ def test_training_on_a_small_slice_beats_chance_widely(synthetic_evaluator):
     state = torch.load(checkpoint, weights_only=True)
     assert set(state) >= {"model", "label_names", "held_out_accuracy"}
     assert f"{state['held_out_accuracy']:.4f}" == printed  # the stored accuracy is the one reported
-    # chance: k random labels out of 24 hit k/24 of the time, about 0.08 on 1-3 objects. SPREAD
-    assert state["held_out_accuracy"] > 0.25, stdout
+    # chance: k random labels out of 24 hit k/24 of the time, about 0.08 on 1-3 objects. Measured with this
+    # fixture's settings and --seed 0..4 (which also moves the held-out split): 0.350, 0.265, 0.321, 0.335, 0.347;
+    # seed 0 (used here) gave 0.348 on another machine of this type. 0.2 is 2.5x chance, below every seed.
+    assert state["held_out_accuracy"] > 0.2, stdout
     evaluator.evaluation_model(checkpoint, device="cpu")  # loads in the course's format
 
 

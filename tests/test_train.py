@@ -148,15 +148,15 @@ def test_meter_is_zero_for_a_model_that_ignores_its_labels(synthetic_data):
     blind = torch.nn.Module()
     blind.forward = lambda x, t, y: x * 0.3
     record = meter(blind, "cpu")
-    gaps = [record[f"meter_gap_t{start}"] for start in (0, 250, 500, 750)]
-    assert gaps == [0.0] * 4 and record["meter_gap"] == 0.0 and record["meter_x0_error"] > 0
+    gaps = [record[f"meter_share_t{start}"] for start in (0, 250, 500, 750)]
+    assert gaps == [0.0] * 4 and record["meter_share"] == 0.0 and record["meter_loss"] > 0
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_meter_is_the_clean_image_error_without_labels_minus_with_them(synthetic_data, prediction_type):
-    """A model that predicts its target exactly when it sees labels and predicts zero without them: with labels
-    its clean-image estimate is exact (error 0); without, the estimate is what zero output gives (x_t / sqrt(alpha
-    bar) for epsilon, sqrt(alpha bar) x_t for v), clipped. Calls are repeatable."""
+def test_meter_is_the_share_of_the_loss_the_labels_remove(synthetic_data, prediction_type):
+    """A model that predicts its target exactly when it sees labels and half of it without them: its loss with
+    labels is 0 and without them a quarter of the target's square, so the labels remove all of it (gap 1) in
+    every band. Calls are repeatable."""
     import torch
 
     import dataset
@@ -164,29 +164,30 @@ def test_meter_is_the_clean_image_error_without_labels_minus_with_them(synthetic
     from train import ConditioningMeter
 
     data = dataset.load_training_set(synthetic_data)
-    scheduler = training_scheduler(prediction_type=prediction_type)
-    meter = ConditioningMeter(data.subset(range(12)), scheduler, 32, bands=4, seed=0, batch_size=16)
+    meter = ConditioningMeter(data.subset(range(12)), training_scheduler(prediction_type=prediction_type), 32,
+                              bands=4, seed=0, batch_size=16)
     assert meter.noisy.shape == (48, 3, 32, 32)
     assert sorted(meter.t.div(250, rounding_mode="floor").unique().tolist()) == [0, 1, 2, 3]
-    noise = (meter.noisy - meter.signal * meter.x0) / meter.noise_level
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(meter.x0, noise, meter.t)
-    lookup = {(int(t), round(float(x.sum()), 2)): y for x, t, y in zip(meter.noisy, meter.t, target)}
+    lookup = {(int(t), round(float(x.sum()), 2)): y for x, t, y in zip(meter.noisy, meter.t, meter.target)}
 
     class Oracle(torch.nn.Module):
+        """The exact target with labels; half of it without them (or always half, when blind to labels)."""
+
+        def __init__(self, blind=False):
+            super().__init__()
+            self.blind = blind
+
         def forward(self, x, t, y):
             exact = torch.stack([lookup[(int(ti), round(float(xi.sum()), 2))] for xi, ti in zip(x, t)])
-            return exact * (y.sum(1) > 0).float()[:, None, None, None]
+            sees = torch.zeros(len(y)) if self.blind else (y.sum(1) > 0).float()
+            return exact * (0.5 + 0.5 * sees)[:, None, None, None]
 
     first, second = meter(Oracle(), "cpu"), meter(Oracle(), "cpu")
-    assert first == second
-    assert first["meter_x0_error"] < 1e-6
-    zero_output = meter.noisy / meter.signal if prediction_type == "epsilon" else meter.signal * meter.noisy
-    unconditional = ((zero_output.clamp(-1, 1) - meter.x0) ** 2).mean((1, 2, 3))
-    for band in range(4):
-        expected = unconditional[meter.t // 250 == band].mean().item()
-        assert first[f"meter_gap_t{band * 250}"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    if prediction_type == "epsilon":  # zero noise predicted: x_t / sqrt(alpha bar) blows up at high noise
-        assert first["meter_gap_t750"] > first["meter_gap_t0"]
+    assert first == second and first["meter_loss"] == 0.0
+    for start in (0, 250, 500, 750):
+        assert first[f"meter_share_t{start}"] == 1.0
+    blind = meter(Oracle(blind=True), "cpu")
+    assert all(blind[f"meter_share_t{start}"] == 0.0 for start in (0, 250, 500, 750)) and blind["meter_loss"] > 0
 
 
 def test_training_logs_the_meter_on_held_out_scenes(synthetic_data, tmp_path):
@@ -194,16 +195,16 @@ def test_training_logs_the_meter_on_held_out_scenes(synthetic_data, tmp_path):
 
     result = train(synthetic_data, tmp_path / "r", "--max-steps", "4", "--meter-every", "2", "--meter-images", "6")
     assert result.returncode == 0, result.stderr
-    meters = [r for r in records(tmp_path / "r") if "meter_gap" in r]
+    meters = [r for r in records(tmp_path / "r") if "meter_share" in r]
     assert [r["step"] for r in meters] == [0, 2, 4]
-    assert all(set(r) >= {"meter_gap_t0", "meter_gap_t750", "meter_x0_error", "train_minutes"} for r in meters)
+    assert all(set(r) >= {"meter_share_t0", "meter_share_t750", "meter_loss", "train_minutes"} for r in meters)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     names = sorted(json.loads((synthetic_data / "train.json").read_text()))
     kept, held = dataset.split_off_scenes(names, 6)
     assert config["training_images"] == len(kept) == len(names) - len(held) and len(held) >= 6
     off = train(synthetic_data, tmp_path / "off", "--max-steps", "2", "--meter-every", "0")
     assert off.returncode == 0, off.stderr
-    assert not [r for r in records(tmp_path / "off") if "meter_gap" in r]
+    assert not [r for r in records(tmp_path / "off") if "meter_share" in r]
     assert json.loads((tmp_path / "off" / "config.json").read_text())["training_images"] == len(names)
 
 
