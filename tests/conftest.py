@@ -14,6 +14,10 @@ sys.path.insert(0, str(REPO))
 # Keep every cache of the suite (and of the scripts it starts) out of the user's home.
 os.environ.setdefault("ICLEVR_CACHE_DIR", tempfile.mkdtemp(prefix="iclevr-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs in two pytest-xdist workers (pytest.ini). Each computes with one thread, and so do the scripts
+# it starts: two pools of two OpenMP threads on two cores spin against each other and run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 REAL_DATA = Path(os.environ.get("ICLEVR_TEST_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 def sample(model, out, *args):
@@ -115,8 +115,8 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
 
     def settings(*flags):
         out = tmp_path / f"s{len(flags)}"
-        done = run_script("sample.py", "--model", shipped, "--out", out, "--labels", "red sphere", *flags)
-        assert done.returncode == 0, done.stderr
+        code, _, err = run_main("sample.py", "--model", shipped, "--out", out, "--labels", "red sphere", *flags)
+        assert code == 0, err
         record = json.loads((out / "labels" / "conditions.json").read_text())
         return record["sampler"], record["steps"], record["guidance_scale"]
 

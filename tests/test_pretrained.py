@@ -1,0 +1,65 @@
+"""The model shipped in pretrained/: it loads, samples with the settings it was measured with, the same images
+for the same seed, and (where the project's evaluator is at hand) draws the objects it is asked for."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REAL_DATA, REPO
+
+SHIPPED = sorted(p for p in (REPO / "pretrained").glob("*") if (p / "model_index.json").is_file())
+EVALUATOR = REAL_DATA.parent / "evaluator" / "checkpoint.pth"
+# Accuracy on the 24 one-object requests below, shipped model, its sampling.json, seeds 0-4: 0.375, 0.333, 0.375,
+# 0.375, 0.292 (7-9 of 24 right; chance is 1 in 24 = 0.042). 0.15 is 4 images fewer than the worst seed.
+THRESHOLD = 0.15
+
+
+def test_a_model_is_shipped_small():
+    assert SHIPPED, "pretrained/ holds no model folder"
+    for folder in SHIPPED:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert size <= 12e6, f"{folder.name}: {size / 1e6:.1f} MB"
+        settings = json.loads((folder / "sampling.json").read_text())
+        assert set(settings) == {"sampler", "steps", "guidance_scale"}
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
+def shipped(request):
+    from sample import prepare_pipeline
+
+    pipe, settings = prepare_pipeline(request.param)
+    return request.param, pipe, settings
+
+
+def test_loads_and_samples_deterministically_with_its_settings(shipped):
+    from sample import generate
+
+    folder, pipe, settings = shipped
+    assert settings == json.loads((folder / "sampling.json").read_text())
+    assert pipe.unet.dtype == torch.float32
+    labels = [["red sphere", "cyan cube"], ["gray cylinder"]]
+    first = generate(pipe, labels, seed=0, steps=settings["steps"], guidance_scale=settings["guidance_scale"])
+    again = generate(pipe, labels, seed=0, steps=settings["steps"], guidance_scale=settings["guidance_scale"])
+    other = generate(pipe, labels, seed=1, steps=settings["steps"], guidance_scale=settings["guidance_scale"])
+    assert first.shape == (2, 64, 64, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_draws_the_requested_objects(shipped):
+    """24 single-object requests, one per label, scored by the project's evaluator (as in docs/RESULTS.md)."""
+    if not EVALUATOR.is_file():
+        pytest.skip(f"project evaluator not found at {EVALUATOR}")
+    import dataset
+    from evaluate import score
+    from evaluator import evaluation_model
+    from sample import generate
+
+    folder, pipe, settings = shipped
+    names = pipe.unet.vocabulary.names
+    images = generate(pipe, [[name] for name in names], seed=0, steps=settings["steps"],
+                      guidance_scale=settings["guidance_scale"])
+    accuracy = score(evaluation_model(EVALUATOR, device="cpu"), images, [[n] for n in names],
+                     dataset.find_vocabulary())["accuracy"]
+    assert accuracy > THRESHOLD, accuracy
