@@ -1,8 +1,6 @@
 """The model shipped in pretrained/: it loads, samples with the settings it was measured with, the same images
 for the same seed, and (where the project's evaluator is at hand) draws the objects it is asked for."""
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,10 +15,11 @@ THRESHOLD = 0.4
 
 
 def test_a_model_is_shipped_small():
+    from export import folder_megabytes
+
     assert SHIPPED, "pretrained/ holds no model folder"
     for folder in SHIPPED:
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        assert size <= 12e6, f"{folder.name}: {size / 1e6:.1f} MB"
+        assert folder_megabytes(folder) <= 12, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
         settings = json.loads((folder / "sampling.json").read_text())
         assert set(settings) == {"sampler", "steps", "guidance_scale"}
 
