@@ -3,7 +3,7 @@ and a Fréchet distance to real training images in the evaluator's 512-d feature
 
     python evaluate.py --samples samples/test samples/new_test           # folders written by sample.py
     python evaluate.py --model runs/small/model --conditions data/test.json data/new_test.json \\
-        --seeds 5 --sampler dpm++ --steps 25                              # generate and score in one go
+        --seeds 5 --sampler ddim --steps 20 --guidance-scale 3           # generate and score in one go
     python evaluate.py --model runs/small/model --conditions random:500   # select models without test files
 
 `random:N` (or `random:N:SEED`) draws N label sets with the training set's mix of object counts, so model,
@@ -20,8 +20,8 @@ from PIL import Image
 import dataset
 from dataset import UserError, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model, topk_hits
-from model import DEFAULT_STEPS, SAMPLERS
-from sample import generate, prepare_pipeline
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from sample import generate, generation_options, prepare_pipeline
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
 
@@ -79,15 +79,16 @@ def summarise(per_seed):
                            for k in keys}}
 
 
-def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), steps=None, guidance_scale=1.0, batch_size=64):
+def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, **options):
     """Generate every condition set with every seed and score it: {name: {"seeds": ..., "mean": ...}},
-    plus the generated images per name (for the Fréchet distance)."""
+    plus the generated images per name (for the Fréchet distance). `options`: generate's steps, guidance_scale,
+    guidance_max_t."""
     vocabulary = dataset.find_vocabulary()
     results, images = {}, {}
     for name, label_lists in condition_sets.items():
         per_seed, generated = {}, []
         for seed in seeds:
-            batch = generate(pipe, label_lists, seed, steps, guidance_scale, batch_size)
+            batch = generate(pipe, label_lists, seed, batch_size=batch_size, **options)
             per_seed[str(seed)] = score(evaluator, batch, label_lists, vocabulary)
             generated.append(batch)
         results[name] = {"seeds": per_seed, **summarise(per_seed)}
@@ -158,11 +159,14 @@ def parse_args(argv=None):
                    help="condition files, or random:N[:SEED] (default: DATA_DIR/test.json DATA_DIR/new_test.json)")
     p.add_argument("--seeds", type=int, default=1, help="score with seeds 0..N-1 and report mean ± std")
     p.add_argument("--sampler", choices=SAMPLERS,
-                   help="sampler for --model (default: the model folder's sampling.json, else dpm++)")
+                   help=f"sampler for --model (default: the model folder's sampling.json, else {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model folder's, else " +
                    ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance, 1 = none (default: the model folder's, else 1)")
+    p.add_argument("--guidance-max-t", type=int,
+                   help="guide only the steps at timesteps below this; 1000 = every step (default: the model "
+                        "folder's, else every step)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", default=DEFAULT_CHECKPOINT,
@@ -199,11 +203,11 @@ def main(argv=None):
             condition_sets[name] = label_lists
     else:
         pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                          default_sampler="dpm++")
+                                          args.guidance_max_t)
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         condition_sets = dict(parse_condition_arg(text, pipe.unet.vocabulary, data) for text in sources)
-        results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), sampling["steps"],
-                                         sampling["guidance_scale"], args.batch_size)
+        results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), args.batch_size,
+                                         **generation_options(sampling))
         settings = {"model": args.model, **sampling, "seeds": args.seeds, "conditions": sources}
     if data is not None and args.reference_images:
         for name, batch in images.items():

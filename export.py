@@ -7,7 +7,6 @@ The folder is written under a temporary name and moved into place, so it is comp
 float32 weights again (sample.py, evaluate.py, ICLEVRPipeline.from_pretrained(..., dtype=torch.float32)).
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 
 import dataset
 from dataset import UserError, run_cli
-from model import DEFAULT_STEPS, SAMPLERS, SAMPLING_FILE, ICLEVRPipeline, load_pipeline
+from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ICLEVRPipeline, load_pipeline,
+                   write_sampling_settings)
 from sample import check_sampling_settings
 
 
@@ -33,7 +33,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     unet = pipe.unet.half() if half else pipe.unet
     shards = {"max_shard_size": f"{max_shard_mb}MB"} if max_shard_mb else {}
     ICLEVRPipeline(unet=unet, scheduler=pipe.scheduler).save_pretrained(temp, **shards)
-    (temp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=1) + "\n")
+    write_sampling_settings(temp, sampling)
     dataset.publish_dir(temp, destination)
     return destination
 
@@ -42,10 +42,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="trained model: RUN/model, a run folder or a checkpoint RUN/checkpoints/step-N")
     p.add_argument("destination", help="new model folder, e.g. pretrained/NAME (replaced if it exists)")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler the model was measured with")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="sampler the model was measured with")
     p.add_argument("--steps", type=int, help="its denoising steps (default: " +
                    ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="its classifier-free guidance scale")
+    p.add_argument("--guidance-max-t", type=int, help="its guidance limit: guide only timesteps below this "
+                                                      "(default: guide every step)")
     p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
     p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
     return p.parse_args(argv)
@@ -54,13 +57,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
-    check_sampling_settings(args.sampler, steps, args.guidance_scale)
+    check_sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t)
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     sampling = {"sampler": args.sampler, "steps": steps, "guidance_scale": args.guidance_scale}
+    if args.guidance_max_t is not None:
+        sampling["guidance_max_t"] = args.guidance_max_t
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
+    limit = "" if args.guidance_max_t is None else f" below t={args.guidance_max_t}"
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {args.sampler}, {steps} steps, "
-          f"guidance {args.guidance_scale:g})")
+          f"guidance {args.guidance_scale:g}{limit})")
     return 0
 
 

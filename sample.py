@@ -23,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from dataset import UserError, run_cli
-from model import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler, to_image_size
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler, to_image_size
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 MAX_GUIDANCE = 20.0
@@ -37,8 +37,8 @@ def pick_device(name=None):
     return name
 
 
-def check_sampling_settings(sampler, steps, guidance_scale):
-    """Refuse a sampler, step count or guidance scale out of range (from a flag or a sampling.json)."""
+def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None):
+    """Refuse a sampler, step count or guidance setting out of range (from a flag or a sampling.json)."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if steps is not None and not 1 <= steps <= 1000:
@@ -46,30 +46,38 @@ def check_sampling_settings(sampler, steps, guidance_scale):
     if not 0 <= guidance_scale <= MAX_GUIDANCE:
         raise UserError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g} (got {guidance_scale:g}; "
                         f"1 means no guidance)")
+    if guidance_max_t is not None and not 0 <= guidance_max_t <= 1000:
+        raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
 
 
-def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", default_sampler="ddpm"):
+def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None):
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
-    (`default_sampler`, DEFAULT_STEPS, guidance 1). -> (pipe, {"sampler", "steps", "guidance_scale"})"""
-    check_sampling_settings(sampler or default_sampler, steps, 1.0 if guidance_scale is None else guidance_scale)
+    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step).
+    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"]})"""
+    check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
+                            guidance_max_t)
     pipe = load_pipeline(model, pick_device(device))
     saved = pipe.sampling_settings
-    sampler = sampler or saved.get("sampler", default_sampler)
+    sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
     if steps is None:
         steps = saved["steps"] if saved.get("sampler") == sampler and "steps" in saved else DEFAULT_STEPS[sampler]
     if guidance_scale is None:
         guidance_scale = float(saved.get("guidance_scale", 1.0))
-    check_sampling_settings(sampler, steps, guidance_scale)
+    if guidance_max_t is None:
+        guidance_max_t = saved.get("guidance_max_t")
+    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
-    return pipe, {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+    settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+    return pipe, settings if guidance_max_t is None else {**settings, "guidance_max_t": guidance_max_t}
 
 
-def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None):
+def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
+             guidance_max_t=None):
     """uint8 images (N, 64, 64, 3); the same seed and settings give the same images."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                output_type="np", batch_size=batch_size, callback=callback).images
+                output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t).images
 
 
 def grid_image(images_uint8, nrow=8):
@@ -91,7 +99,12 @@ def write_sample_folder(out, images, record):
     return out
 
 
-def write_process_figure(pipe, labels, path, seed, steps, guidance_scale, frames=10):
+def generation_options(settings):
+    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's)."""
+    return {key: value for key, value in settings.items() if key != "sampler"}
+
+
+def write_process_figure(pipe, labels, path, seed, steps, frames=10, **options):
     """One row from (almost) pure noise to the final image: min(frames, steps) evenly spaced samples x_t."""
     keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
     shots = []
@@ -100,7 +113,7 @@ def write_process_figure(pipe, labels, path, seed, steps, guidance_scale, frames
         if i in keep:
             shots.append(to_image_size(x[:1].clamp(-1, 1).float().cpu(), pipe.unet.config.image_size)[0])
 
-    generate(pipe, [labels], seed, steps, guidance_scale, callback=collect)
+    generate(pipe, [labels], seed, steps, callback=collect, **options)
     with dataset.replacing(path) as temp:
         save_image(make_grid((torch.stack(shots) + 1) / 2, nrow=len(shots), padding=2), temp)
     return path
@@ -116,14 +129,18 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR, help="where the default condition files are")
     p.add_argument("--labels", help='one label set, comma-separated: "red sphere,cyan cube"')
     p.add_argument("--sampler", choices=SAMPLERS,
-                   help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++) "
-                        "(default: the model folder's sampling.json, else ddpm)")
+                   help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at chance "
+                        "on epsilon models with linear betas) (default: the model folder's sampling.json, else "
+                        f"{DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=int,
                    help="denoising steps (default: the model folder's, else " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
                         "(default: the model folder's, else 1)")
+    p.add_argument("--guidance-max-t", type=int,
+                   help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
+                        "others; 1000 guides every step (default: the model folder's, else every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -139,8 +156,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device)
-    steps, guidance_scale = sampling["steps"], sampling["guidance_scale"]
+    pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
+                                      args.guidance_max_t)
+    options = generation_options(sampling)
     vocabulary = pipe.unet.vocabulary
     jobs = {}
     if args.labels:
@@ -152,11 +170,11 @@ def main(argv=None):
     out = dataset.make_output_dir(args.out)
     settings = {"model": str(args.model), **sampling, "seed": args.seed}
     for name, (source, label_lists) in jobs.items():
-        images = generate(pipe, label_lists, args.seed, steps, guidance_scale, args.batch_size)
+        images = generate(pipe, label_lists, args.seed, batch_size=args.batch_size, **options)
         folder = write_sample_folder(out / name, images, {"source": source, **settings, "labels": label_lists})
         print(f"wrote {folder}/grid.png and {len(images)} images")
     if process_labels:
-        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed, steps, guidance_scale)
+        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed, **options)
         print(f"wrote {path}")
     return 0
 

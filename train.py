@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 import dataset
 from dataset import UserError, run_cli
-from model import (PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters, sampling_scheduler,
-                   to_sample_size, training_scheduler)
+from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters,
+                   sampling_scheduler, to_sample_size, training_scheduler, write_sampling_settings)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -127,9 +127,14 @@ def parse_args(argv=None):
     evaluation.add_argument("--eval-conditions", nargs="+", metavar="FILE",
                             help="condition files or random:N[:SEED] (default: DATA_DIR/test.json, "
                                  "DATA_DIR/new_test.json)")
-    evaluation.add_argument("--eval-sampler", default="ddim", choices=SAMPLERS, help="sampler for evaluation")
+    evaluation.add_argument("--eval-sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                            help="sampler for evaluation (this and the other --eval-* sampling settings are also "
+                                 "written to the exported model's sampling.json: sample.py's and evaluate.py's "
+                                 "defaults for it)")
     evaluation.add_argument("--eval-steps", type=int, default=50, help="denoising steps for evaluation")
     evaluation.add_argument("--eval-guidance", type=float, default=1.0, help="guidance scale for evaluation")
+    evaluation.add_argument("--eval-guidance-max-t", type=int,
+                            help="guide only timesteps below this during evaluation (default: every step)")
     args = p.parse_args(argv)
     args.model_options = dict(parse_model_option(p, text) for text in args.model_option)
     if (args.eval_every or args.eval_every_minutes) and not args.evaluator:
@@ -195,22 +200,26 @@ def checkpoint_dirs(run_dir):
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
 
-def export_pipeline(model, ema, noise_scheduler, folder):
-    """Save the EMA weights as an ICLEVRPipeline folder (written to a temporary name, then moved)."""
+def export_pipeline(model, ema, noise_scheduler, folder, sampling=None):
+    """Save the EMA weights as an ICLEVRPipeline folder (written to a temporary name, then moved), with the
+    sampling settings it was evaluated with (sampling.json), if any."""
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     ICLEVRPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(temp)
     ema.restore(model.parameters())
+    if sampling:
+        write_sampling_settings(temp, sampling)
     dataset.publish_dir(temp, folder)
 
 
-def save_checkpoint(run_dir, step, train_seconds, model, ema, optimizer, lr_scheduler, noise_scheduler, keep):
+def save_checkpoint(run_dir, step, train_seconds, model, ema, optimizer, lr_scheduler, noise_scheduler, keep,
+                    sampling=None):
     """checkpoints/step-N/: the EMA pipeline (loadable by sample.py), raw weights, optimizer, LR schedule."""
     folder = run_dir / "checkpoints"
     temp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
     temp.mkdir(parents=True)
-    export_pipeline(model, ema, noise_scheduler, temp / "pipeline")
+    export_pipeline(model, ema, noise_scheduler, temp / "pipeline", sampling)
     save_file(model.state_dict(), temp / "model.safetensors")
     torch.save(optimizer.state_dict(), temp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), temp / "lr_scheduler.pt")
@@ -531,6 +540,7 @@ class Evaluation:
 
     def __init__(self, args, data):
         import evaluate
+        import sample
         from evaluator import evaluation_model
 
         self.evaluate = evaluate
@@ -539,6 +549,13 @@ class Evaluation:
         self.condition_sets = dict(evaluate.parse_condition_arg(text, data.vocabulary, data) for text in sources)
         self.args = args
         self.next_minutes = args.eval_every_minutes
+        # what sample.py and evaluate.py use for the exported folders when no flag overrides it
+        self.sampling_settings = {"sampler": args.eval_sampler, "steps": args.eval_steps,
+                                  "guidance_scale": args.eval_guidance}
+        if args.eval_guidance_max_t is not None:
+            self.sampling_settings["guidance_max_t"] = args.eval_guidance_max_t
+        sample.check_sampling_settings(**self.sampling_settings)
+        self.generation_options = sample.generation_options(self.sampling_settings)
 
     def due(self, step, total, train_seconds):
         if self.args.eval_every_minutes and train_seconds / 60 >= self.next_minutes:
@@ -554,8 +571,7 @@ class Evaluation:
         pipe.set_progress_bar_config(disable=True)
         with accelerator.autocast():  # the training precision (bf16 on a GPU) for sampling too
             results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
-                                                      steps=self.args.eval_steps,
-                                                      guidance_scale=self.args.eval_guidance)
+                                                      **self.generation_options)
         model.train()
         ema.restore(model.parameters())
         return {f"acc_{name}": result["mean"] for name, result in results.items()}
@@ -587,6 +603,7 @@ def train(args, accelerator, run_dir, stop):
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
     evaluation = Evaluation(args, data) if (args.eval_every or args.eval_every_minutes) and is_main else None
+    sampling = evaluation.sampling_settings if evaluation else None
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
 
@@ -667,7 +684,7 @@ def train(args, accelerator, run_dir, stop):
                 progress.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()))
             if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):
                 save_checkpoint(run_dir, step, train_seconds, raw_model, ema, optimizer, lr_scheduler,
-                                noise_scheduler, args.keep)
+                                noise_scheduler, args.keep, sampling)
                 plot_curves(run_dir)
             if stop_now:
                 break
@@ -677,7 +694,7 @@ def train(args, accelerator, run_dir, stop):
               f"continue with --resume latest", file=sys.stderr)
         return EXIT_INTERRUPTED[stop.signal]
     if is_main:
-        export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model")
+        export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model", sampling)
         print(f"{'stopped after --max-minutes' if step < steps else 'done'} at step {step}: "
               f"model exported to {run_dir / 'model'}", file=sys.stderr)
     return 0

@@ -32,6 +32,7 @@ def main():
     p.add_argument("--evaluator", help="evaluator checkpoint, to report each grid's accuracy")
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="sampler:steps pairs")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--guidance-max-t", type=int, help="guide only timesteps below this (default: every step)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto", help="cpu or cuda")
@@ -47,8 +48,9 @@ def main():
         from evaluator import evaluation_model
         evaluator = evaluation_model(args.evaluator, device=None if args.device == "auto" else args.device)
     params = count_parameters(pipe.unet)
+    limit = "" if args.guidance_max_t is None else f" below t={args.guidance_max_t}"
     print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, guidance "
-          f"{args.guidance_scale:g}, device {pipe.device}, {torch.get_num_threads()} threads")
+          f"{args.guidance_scale:g}{limit}, device {pipe.device}, {torch.get_num_threads()} threads")
     print(f"{'sampler':<8s} {'steps':>6s} {'seconds':>8s} {'accuracy':>9s}")
     for config in args.configs:
         sampler, steps = config.split(":")
@@ -61,7 +63,7 @@ def main():
         times, images = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            images = generate(pipe, labels, args.seed, steps, args.guidance_scale)
+            images = generate(pipe, labels, args.seed, steps, args.guidance_scale, guidance_max_t=args.guidance_max_t)
             times.append(time.perf_counter() - start)
         accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
         print(f"{sampler:<8s} {steps:>6d} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)

@@ -64,6 +64,8 @@ SAMPLE_ARGUMENTS = {
                            "--steps must be between 1 and 1000 (got 5000)"),
     "guidance scale out of range": (["--guidance-scale", "-1", "--labels", "red sphere"],
                                     "--guidance-scale must be between 0 and 20 (got -1; 1 means no guidance)"),
+    "guidance limit out of range": (["--guidance-max-t", "2000", "--labels", "red sphere"],
+                                    "--guidance-max-t must be between 0 and 1000 (got 2000; 1000 guides every step)"),
 }
 
 
@@ -206,7 +208,8 @@ def test_bad_sampling_settings_file(tiny_tokens_model, earlier_samples, tmp_path
     before = snapshot(earlier_samples)
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: expected {{"sampler": name, "steps": '
-                                         f'integer, "guidance_scale": number}}')
+                                         f'integer, "guidance_scale": number, "guidance_max_t": integer}} '
+                                         f'(each optional)')
     (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_scale": 50}')
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, "error: --guidance-scale must be between 0 and 20 (got 50; 1 means no "

@@ -92,12 +92,18 @@ def test_guidance(trained_tiny):
     pipe = model_lib.ICLEVRPipeline(unet=net, scheduler=model_lib.sampling_scheduler(scheduler.config, "ddim"))
     pipe.set_progress_bar_config(disable=True)
 
-    def sample(conditions, scale):
-        return pipe(conditions, num_inference_steps=5, guidance_scale=scale,
+    def sample(conditions, scale, max_t=None):
+        return pipe(conditions, num_inference_steps=5, guidance_scale=scale, guidance_max_t=max_t,
                     generator=torch.Generator().manual_seed(3), output_type="np").images
 
     assert np.array_equal(sample(labels[:2], 0.0), sample(labels[2:4], 0.0))  # scale 0: labels ignored
     assert not np.array_equal(sample(labels[:2], 1.0), sample(labels[:2], 3.0))
+    # guidance limited to t < max_t: 0 guides no step, 1000 every step (DDIM 5 steps: t = 999, 799, ..., 199),
+    # 500 the last three only, which is neither
+    unguided, guided, partly = sample(labels[:2], 1.0), sample(labels[:2], 3.0), sample(labels[:2], 3.0, 500)
+    assert np.array_equal(sample(labels[:2], 3.0, 0), unguided)
+    assert np.array_equal(sample(labels[:2], 3.0, 1000), guided)
+    assert not np.array_equal(partly, unguided) and not np.array_equal(partly, guided)
 
 
 def test_pipeline_accepts_label_names_and_checks_them(tiny):

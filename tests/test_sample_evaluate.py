@@ -102,13 +102,14 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
 
     shipped = tmp_path / "shipped"
     result = run_script("export.py", tiny_run / "model", shipped, "--sampler", "ddim", "--steps", 3,
-                        "--guidance-scale", 2)
+                        "--guidance-scale", 2, "--guidance-max-t", 500)
     assert result.returncode == 0, result.stderr
     weights = load_file(shipped / "unet" / "diffusion_pytorch_model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
     original, loaded = load_pipeline(tiny_run / "model"), load_pipeline(shipped)
     assert loaded.unet.dtype == torch.float32 and loaded.sampling_settings == {"sampler": "ddim", "steps": 3,
-                                                                               "guidance_scale": 2.0}
+                                                                               "guidance_scale": 2.0,
+                                                                               "guidance_max_t": 500}
     x, t, y = torch.randn(2, 3, 64, 64), torch.tensor([10, 900]), torch.eye(24)[:2]
     with torch.no_grad():
         assert torch.allclose(original.unet(x, t, y), loaded.unet(x, t, y), atol=2e-2)
@@ -118,10 +119,15 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
         code, _, err = run_main("sample.py", "--model", shipped, "--out", out, "--labels", "red sphere", *flags)
         assert code == 0, err
         record = json.loads((out / "labels" / "conditions.json").read_text())
-        return record["sampler"], record["steps"], record["guidance_scale"]
+        return record["sampler"], record["steps"], record["guidance_scale"], record.get("guidance_max_t")
 
-    assert settings() == ("ddim", 3, 2.0)
-    assert settings("--steps", 2, "--guidance-scale", 1) == ("ddim", 2, 1.0)
-    assert settings("--sampler", "dpm++", "--steps", 2) == ("dpm++", 2, 2.0)
-    assert settings("--sampler", "dpm++", "--seed", 1) == ("dpm++", 25, 2.0)  # not the folder's 3 ddim steps
+    assert settings() == ("ddim", 3, 2.0, 500)
+    from sample import prepare_pipeline
+    # a folder without sampling.json (train.py's model/ when it did not evaluate): DDIM, not dpm++ (at chance on
+    # epsilon models with linear betas) or ddpm (1000 steps)
+    assert not (tiny_run / "model" / "sampling.json").exists()
+    assert prepare_pipeline(tiny_run / "model")[1] == {"sampler": "ddim", "steps": 50, "guidance_scale": 1.0}
+    assert settings("--steps", 2, "--guidance-scale", 1) == ("ddim", 2, 1.0, 500)
+    assert settings("--sampler", "dpm++", "--steps", 2, "--guidance-max-t", 1000) == ("dpm++", 2, 2.0, 1000)
+    assert settings("--sampler", "dpm++", "--seed", 1) == ("dpm++", 25, 2.0, 500)  # not the folder's 3 ddim steps
     assert not list(tmp_path.glob(".tmp-*"))

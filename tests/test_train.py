@@ -128,6 +128,11 @@ def test_evaluation_during_training(schedule, expected_steps, synthetic_data, sy
     assert [r["step"] for r in records] == expected_steps
     assert all(0 <= r["acc_random-8-0"] <= 1 and r["train_minutes"] > 0 for r in records)
     assert (tmp_path / "r" / "curves.png").exists()
+    # the exported model and its checkpoint carry the settings they were evaluated with
+    evaluated_with = {"sampler": "ddim", "steps": 2, "guidance_scale": 1.0}
+    checkpoint_dir = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
+    for folder in (tmp_path / "r" / "model", checkpoint_dir / "pipeline"):
+        assert json.loads((folder / "sampling.json").read_text()) == evaluated_with
 
 
 def meter_for(synthetic_data, size=64):
