@@ -16,7 +16,7 @@ import dataset
 from dataset import UserError, run_cli
 from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ICLEVRPipeline, load_pipeline,
                    write_sampling_settings)
-from sample import check_sampling_settings
+from sample import describe_guidance, sampling_settings
 
 
 def folder_megabytes(folder):
@@ -57,16 +57,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
-    check_sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t)
+    sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t)
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
-    sampling = {"sampler": args.sampler, "steps": steps, "guidance_scale": args.guidance_scale}
-    if args.guidance_max_t is not None:
-        sampling["guidance_max_t"] = args.guidance_max_t
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
-    limit = "" if args.guidance_max_t is None else f" below t={args.guidance_max_t}"
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {args.sampler}, {steps} steps, "
-          f"guidance {args.guidance_scale:g}{limit})")
+          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)})")
     return 0
 
 

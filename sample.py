@@ -50,6 +50,18 @@ def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None)
         raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
 
 
+def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None):
+    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited)."""
+    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
+    settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+    return settings if guidance_max_t is None else {**settings, "guidance_max_t": guidance_max_t}
+
+
+def describe_guidance(guidance_scale, guidance_max_t=None):
+    """'guidance 3' or 'guidance 3 below t=500', for printed summaries."""
+    return f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
+
+
 def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None):
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
@@ -66,10 +78,9 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         guidance_scale = float(saved.get("guidance_scale", 1.0))
     if guidance_max_t is None:
         guidance_max_t = saved.get("guidance_max_t")
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
+    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
-    settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-    return pipe, settings if guidance_max_t is None else {**settings, "guidance_max_t": guidance_max_t}
+    return pipe, settings
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,

@@ -549,13 +549,10 @@ class Evaluation:
         self.condition_sets = dict(evaluate.parse_condition_arg(text, data.vocabulary, data) for text in sources)
         self.args = args
         self.next_minutes = args.eval_every_minutes
+        self.sample = sample
         # what sample.py and evaluate.py use for the exported folders when no flag overrides it
-        self.sampling_settings = {"sampler": args.eval_sampler, "steps": args.eval_steps,
-                                  "guidance_scale": args.eval_guidance}
-        if args.eval_guidance_max_t is not None:
-            self.sampling_settings["guidance_max_t"] = args.eval_guidance_max_t
-        sample.check_sampling_settings(**self.sampling_settings)
-        self.generation_options = sample.generation_options(self.sampling_settings)
+        self.sampling_settings = sample.sampling_settings(args.eval_sampler, args.eval_steps, args.eval_guidance,
+                                                          args.eval_guidance_max_t)
 
     def due(self, step, total, train_seconds):
         if self.args.eval_every_minutes and train_seconds / 60 >= self.next_minutes:
@@ -571,7 +568,7 @@ class Evaluation:
         pipe.set_progress_bar_config(disable=True)
         with accelerator.autocast():  # the training precision (bf16 on a GPU) for sampling too
             results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
-                                                      **self.generation_options)
+                                                      **self.sample.generation_options(self.sampling_settings))
         model.train()
         ema.restore(model.parameters())
         return {f"acc_{name}": result["mean"] for name, result in results.items()}

@@ -19,7 +19,7 @@ import dataset  # noqa: E402
 from dataset import run_cli  # noqa: E402
 from evaluate import score  # noqa: E402
 from model import count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
-from sample import generate, pick_device  # noqa: E402
+from sample import describe_guidance, generate, pick_device  # noqa: E402
 
 DEFAULT_CONFIGS = ["ddim:10", "ddim:25", "ddim:50", "dpm++:10", "dpm++:25", "ddpm:1000"]
 
@@ -48,9 +48,9 @@ def main():
         from evaluator import evaluation_model
         evaluator = evaluation_model(args.evaluator, device=None if args.device == "auto" else args.device)
     params = count_parameters(pipe.unet)
-    limit = "" if args.guidance_max_t is None else f" below t={args.guidance_max_t}"
-    print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, guidance "
-          f"{args.guidance_scale:g}{limit}, device {pipe.device}, {torch.get_num_threads()} threads")
+    print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, "
+          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)}, device {pipe.device}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'sampler':<8s} {'steps':>6s} {'seconds':>8s} {'accuracy':>9s}")
     for config in args.configs:
         sampler, steps = config.split(":")
