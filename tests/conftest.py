@@ -80,7 +80,8 @@ def write_json(tmp_path):
     return write
 
 
-def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, preset="tiny", seed=0):
+def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, preset="tiny", seed=0,
+             prediction_type="epsilon"):
     """Train a tiny preset on `count` images in-process; returns (model, scheduler, x0, labels, losses)
     where x0 is at the model's denoising size and losses are the fixed-noise evaluation losses before and after."""
     import torch
@@ -94,7 +95,7 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, pres
     torch.manual_seed(seed)
     net = model_lib.build_model(preset, data.vocabulary.names)
     x0 = model_lib.to_sample_size(dataset.to_model_input(torch.from_numpy(data.images[:count])), net.denoising_size)
-    scheduler = model_lib.training_scheduler(beta_schedule)
+    scheduler = model_lib.training_scheduler(beta_schedule, prediction_type=prediction_type)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
 
     def evaluation_loss():
@@ -111,11 +112,14 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, pres
 
 
 @pytest.fixture(scope="session", params=[("tiny", "linear"), ("tiny", "cosine"), ("tiny-tokens", "linear"),
-                                          ("tiny-tokens", "cosine")], ids="/".join)
+                                          ("tiny-tokens", "cosine"), ("tiny-tokens", "linear", "v_prediction")],
+                ids="/".join)
 def trained_tiny(request, synthetic_data):
-    """Both model classes, each with both noise schedules: (name, model, scheduler, x0, labels, losses)."""
-    preset, schedule = request.param
-    return (f"{preset}/{schedule}", *fit_tiny(synthetic_data, schedule, preset=preset))
+    """Both model classes, each with both noise schedules, and the CPU recipe's v-prediction:
+    (name, model, scheduler, x0, labels, losses)."""
+    preset, schedule, *prediction = request.param
+    return ("/".join(request.param),
+            *fit_tiny(synthetic_data, schedule, preset=preset, prediction_type=(prediction or ["epsilon"])[0]))
 
 
 @pytest.fixture(scope="session")
