@@ -111,15 +111,20 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, pres
     return net.eval(), scheduler, x0, labels, (before, evaluation_loss())
 
 
-@pytest.fixture(scope="session", params=[("tiny", "linear"), ("tiny", "cosine"), ("tiny-tokens", "linear"),
-                                          ("tiny-tokens", "cosine"), ("tiny-tokens", "linear", "v_prediction")],
-                ids="/".join)
+def _trained_tiny_id(param):
+    return "/".join(part for part in param if part != "epsilon")
+
+
+@pytest.fixture(scope="session", params=[("tiny", "linear", "epsilon"), ("tiny", "cosine", "epsilon"),
+                                          ("tiny-tokens", "linear", "epsilon"), ("tiny-tokens", "cosine", "epsilon"),
+                                          ("tiny-tokens", "linear", "v_prediction")],
+                ids=_trained_tiny_id)
 def trained_tiny(request, synthetic_data):
     """Both model classes, each with both noise schedules, and the CPU recipe's v-prediction:
     (name, model, scheduler, x0, labels, losses)."""
-    preset, schedule, *prediction = request.param
-    return ("/".join(request.param),
-            *fit_tiny(synthetic_data, schedule, preset=preset, prediction_type=(prediction or ["epsilon"])[0]))
+    preset, schedule, prediction = request.param
+    return (_trained_tiny_id(request.param),
+            *fit_tiny(synthetic_data, schedule, preset=preset, prediction_type=prediction))
 
 
 @pytest.fixture(scope="session")
