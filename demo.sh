@@ -18,8 +18,8 @@ EVALUATOR_EPOCHS=${EVALUATOR_EPOCHS:-3}
 DDPM_MINUTES=${DDPM_MINUTES:-7}
 # The shipped model's recipe (docs/RESULTS.md, "v-prediction"): v-prediction learns the labels far sooner than
 # epsilon and samples as well in 20 DDIM steps as in 50; guidance only on the steps below t = 500. 50 warm-up
-# steps, not train.py's 500: the 7 minutes are ~200 steps on a slow 2-core CPU.
-SAMPLING=(--sampler ddim --steps 20 --guidance-scale 3 --guidance-max-t 500)
+# steps, not train.py's 500: the 7 minutes are ~200 steps on a slow 2-core CPU. train.py writes its --eval-*
+# sampling settings into the model's sampling.json, which sample.py and evaluate.py then use.
 
 mkdir -p "$RUN"
 if [ -z "$DATA" ]; then
@@ -33,8 +33,8 @@ python train.py --preset tokens --data-dir "$DATA" --out "$RUN" --resume latest 
   --prediction-type v_prediction --meter-every 50 --evaluator "$RUN/evaluator.pth" --eval-every-minutes 3.5 \
   --eval-conditions "$DATA/test.json" "$DATA/new_test.json" --eval-sampler ddim --eval-steps 20 --eval-guidance 3 \
   --eval-guidance-max-t 500
-python sample.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" "${SAMPLING[@]}" \
-  --process --out "$RUN/samples"
+python sample.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --process \
+  --out "$RUN/samples"
 python evaluate.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --seeds 3 \
-  "${SAMPLING[@]}" --evaluator "$RUN/evaluator.pth" --data-dir "$DATA" --json "$RUN/evaluation.json"
+  --evaluator "$RUN/evaluator.pth" --data-dir "$DATA" --json "$RUN/evaluation.json"
 echo "grids: $RUN/samples/*/grid.png  process: $RUN/samples/process.png  curves: $RUN/curves.png"
