@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import dataset
 from dataset import UserError, run_cli
 from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters,
-                   sampling_scheduler, to_sample_size, training_scheduler, write_sampling_settings)
+                   load_pipeline, sampling_scheduler, to_sample_size, training_scheduler, write_sampling_settings)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -103,6 +103,10 @@ def parse_args(argv=None):
     length.add_argument("--out", default="runs/default", help="run folder")
     length.add_argument("--resume", help="'latest' (the newest checkpoint in --out; a new run starts from step 0) "
                                          "or a checkpoint folder to continue from")
+    length.add_argument("--init", metavar="MODEL",
+                        help="start a new run from the weights of a trained model folder of the same --preset and "
+                             "--prediction-type, e.g. pretrained/iclevr-tokens (fine-tuning: fresh optimizer and "
+                             "schedule, step 0); ignored when --resume finds a checkpoint")
     length.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     length.add_argument("--keep", type=int, default=3, help="how many recent checkpoints to keep")
     length.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
@@ -257,6 +261,16 @@ def check_compatible(saved_config, model, where):
         if not key.startswith("_") and key in current and current[key] != value:
             raise UserError(f"{where} has {key}={value}, but this run has {key}={current[key]} "
                             f"(use the same --preset and --model-option as the checkpoint)")
+
+
+def initialise_from(path, model, prediction_type):
+    """--init: copy the UNet weights of a trained model folder into the freshly built `model`."""
+    pipe = load_pipeline(path)
+    check_compatible(json.loads(json.dumps(dict(pipe.unet.config))), model, path)
+    if pipe.scheduler.config.prediction_type != prediction_type:
+        raise UserError(f"{path} predicts {pipe.scheduler.config.prediction_type}, but this run trains "
+                        f"{prediction_type} (pass --prediction-type {pipe.scheduler.config.prediction_type})")
+    model.load_state_dict(pipe.unet.state_dict())
 
 
 def load_checkpoint(path, model, ema, optimizer, lr_scheduler):
@@ -610,12 +624,16 @@ def train(args, accelerator, run_dir, stop):
     size = model.denoising_size
     noise_scheduler = training_scheduler(args.beta_schedule, args.timesteps, args.prediction_type)
     meter = ConditioningMeter(meter_data, noise_scheduler, size) if meter_data is not None and is_main else None
+    checkpoint = find_checkpoint(run_dir, args.resume) if args.resume else None
+    if args.init and not checkpoint:
+        initialise_from(args.init, model, args.prediction_type)  # before the EMA copies the weights
+        if is_main:
+            print(f"initialised from {args.init}", file=sys.stderr)
     steps = total_steps(args, len(data), accelerator.num_processes)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, steps)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     start, train_seconds = 0, 0.0
-    checkpoint = find_checkpoint(run_dir, args.resume) if args.resume else None
     if checkpoint:
         start, train_seconds = load_checkpoint(checkpoint, model, ema, optimizer, lr_scheduler)
         if is_main:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import last_line, run_main, run_script
 
@@ -54,6 +55,30 @@ def test_resume_continues_exactly(synthetic_data, tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+
+
+def test_init_starts_from_a_trained_model(tiny_run, synthetic_data, tmp_path):
+    """--init copies a model folder's weights into a new run (one step at a negligible rate leaves them as they
+    were, where a run without --init differs), and refuses a model of another preset or prediction type."""
+    from model import load_pipeline
+
+    def weights(run):
+        return load_pipeline(run / "model").unet.state_dict()
+
+    trained = weights(tiny_run)
+    for name, extra in (("init", ["--init", tiny_run / "model"]), ("fresh", [])):
+        result = train(synthetic_data, tmp_path / name, "--max-steps", 1, "--lr", 1e-12, *extra)
+        assert result.returncode == 0, result.stderr
+    initialised, fresh = weights(tmp_path / "init"), weights(tmp_path / "fresh")
+    assert all(torch.allclose(initialised[k], trained[k], atol=1e-6) for k in trained)
+    assert not all(torch.allclose(fresh[k], trained[k], atol=1e-6) for k in trained)
+
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "other", *TINY,
+                            "--preset", "tiny-tokens", "--init", tiny_run / "model")
+    assert code == 2 and "preset=tiny, but this run has preset=tiny-tokens" in last_line(err)
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "v", *TINY,
+                            "--prediction-type", "v_prediction", "--init", tiny_run / "model")
+    assert code == 2 and "predicts epsilon, but this run trains v_prediction" in last_line(err)
 
 
 def test_bad_arguments_are_one_line_errors(synthetic_data, tmp_path):
