@@ -250,8 +250,9 @@ def find_checkpoint(run_dir, resume):
 
 
 def check_compatible(saved_config, model, where):
-    """Refuse a checkpoint of another architecture or vocabulary with a message that names the difference."""
-    current = json.loads(json.dumps(dict(model.config)))  # tuples -> lists, as in the saved JSON
+    """Refuse a checkpoint of another architecture or vocabulary with a message that names the difference.
+    `saved_config` is a saved config.json's content or a loaded model's config; both sides are compared as JSON."""
+    current, saved_config = (json.loads(json.dumps(dict(config))) for config in (model.config, saved_config))
     saved_names, names = saved_config.get("label_names"), current["label_names"]
     if saved_names != names:
         saved_names = saved_names or ["none"]
@@ -266,7 +267,7 @@ def check_compatible(saved_config, model, where):
 def initialise_from(path, model, prediction_type):
     """--init: copy the UNet weights of a trained model folder into the freshly built `model`."""
     pipe = load_pipeline(path)
-    check_compatible(json.loads(json.dumps(dict(pipe.unet.config))), model, path)
+    check_compatible(pipe.unet.config, model, path)
     if pipe.scheduler.config.prediction_type != prediction_type:
         raise UserError(f"{path} predicts {pipe.scheduler.config.prediction_type}, but this run trains "
                         f"{prediction_type} (pass --prediction-type {pipe.scheduler.config.prediction_type})")
