@@ -30,9 +30,11 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     destination = Path(destination)
     dataset.make_output_dir(destination.parent)
     temp = destination.with_name(f".tmp-{destination.name}-{os.getpid()}")
-    unet = pipe.unet.half() if half else pipe.unet
+    if half:
+        pipe.to(torch.float16)
     shards = {"max_shard_size": f"{max_shard_mb}MB"} if max_shard_mb else {}
-    ICLEVRPipeline(unet=unet, scheduler=pipe.scheduler).save_pretrained(temp, **shards)
+    # a new pipeline object: the loaded one's config would record the source path
+    ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
     write_sampling_settings(temp, sampling)
     dataset.publish_dir(temp, destination)
     return destination

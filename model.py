@@ -9,8 +9,10 @@ Two ways in for the labels:
 The all-zero vector is the unconditional input for classifier-free guidance.
 
 Either model may denoise at a lower resolution than it outputs (`sample_size` 32 for `image_size` 64): training
-images are averaged down 2x2, and the pipeline upsamples its result (bicubic). i-CLEVR's 64-pixel images carry
-about 32 pixels of detail, so this loses little and makes every step 4x cheaper.
+images are averaged down 2x2, and the pipeline upsamples its result: bicubic, or where the model folder has one
+(upsampler.py adds it), the learned `Upsampler`. i-CLEVR's 64-pixel images carry about 32 pixels of detail, so
+this makes every step 4x cheaper; but bicubic's slight blur costs a classifier trained on sharp images much
+(docs/RESULTS.md), which the learned upsampler wins back.
 """
 import inspect
 import json
@@ -178,6 +180,29 @@ def build_model(preset, label_names, **overrides):
         raise UserError(f"invalid model options {overrides}: {str(error).splitlines()[0][:160]}")
 
 
+class Upsampler(ModelMixin, ConfigMixin):
+    """The denoised sample to the output resolution: bicubic plus a learned correction (a small CNN at the
+    sample's resolution whose `scale`**2 output channels are shuffled into pixels). Its last layer starts at zero,
+    so an untrained one is exactly bicubic. upsampler.py trains it on real images averaged down, which is what the
+    UNet learns to generate."""
+
+    @register_to_config
+    def __init__(self, scale=2, width=48, depth=4):
+        super().__init__()
+        layers = [torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.SiLU()]
+        for _ in range(depth):
+            layers += [torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU()]
+        layers.append(torch.nn.Conv2d(width, 3 * scale * scale, 3, padding=1))
+        torch.nn.init.zeros_(layers[-1].weight)
+        torch.nn.init.zeros_(layers[-1].bias)
+        self.correction = torch.nn.Sequential(*layers)
+
+    def forward(self, sample):
+        scale = self.config.scale
+        bicubic = F.interpolate(sample, scale_factor=scale, mode="bicubic", align_corners=False)
+        return (bicubic + F.pixel_shuffle(self.correction(sample), scale)).clamp(-1, 1)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -229,9 +254,18 @@ class ICLEVRPipeline(DiffusionPipeline):
     the i-CLEVR models (docs/RESULTS.md), so guiding only t < 500 costs a quarter less at the same accuracy.
     """
 
-    def __init__(self, unet, scheduler):
+    _optional_components = ["upsampler"]
+
+    def __init__(self, unet, scheduler, upsampler=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, upsampler=upsampler)
+
+    def to_image(self, sample):
+        """A denoised sample at the output resolution: the folder's learned upsampler, else bicubic."""
+        sample = sample.clamp(-1, 1).float()
+        if self.upsampler is None:
+            return to_image_size(sample, self.unet.config.image_size)
+        return self.upsampler(sample.to(self.upsampler.dtype)).float()
 
     def label_vectors(self, conditions):
         if isinstance(conditions, torch.Tensor):
@@ -258,7 +292,7 @@ class ICLEVRPipeline(DiffusionPipeline):
         callback(step_index, timestep, sample) sees every intermediate sample, at the denoising resolution (for
         the process figure)."""
         labels = self.label_vectors(conditions).to(self.device)
-        size, image_size = self.unet.denoising_size, self.unet.config.image_size
+        size = self.unet.denoising_size
         noise = randn_tensor((len(labels), 3, size, size), generator=generator, device=self.device,
                              dtype=self.unet.dtype)
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
@@ -272,7 +306,7 @@ class ICLEVRPipeline(DiffusionPipeline):
                 x = self.scheduler.step(output, t, x, generator=generator).prev_sample
                 if callback is not None:
                     callback(i, t, x)
-            images.append(to_image_size(x.clamp(-1, 1).float(), image_size))
+            images.append(self.to_image(x))
         images = torch.cat(images)
         if output_type == "pt":
             return ImagePipelineOutput(images=images)
@@ -302,6 +336,10 @@ def load_pipeline(path, device="cpu"):
         raise UserError(f"{path}: cannot load the model ({str(error).splitlines()[0][:160]})")
     if not isinstance(pipe, ICLEVRPipeline):
         raise UserError(f"{path}: a {type(pipe).__name__} folder, not an {ICLEVRPipeline.__name__}")
+    upsampler, unet = pipe.upsampler, pipe.unet
+    if upsampler is not None and unet.denoising_size * upsampler.config.scale != unet.config.image_size:
+        raise UserError(f"{path}: its upsampler scales by {upsampler.config.scale}, but the UNet denoises at "
+                        f"{unet.denoising_size} pixels for {unet.config.image_size}-pixel images")
     pipe = pipe.to(device)
     pipe.unet.eval()
     pipe.set_progress_bar_config(leave=False)

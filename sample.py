@@ -23,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from dataset import UserError, run_cli
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler, to_image_size
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 MAX_GUIDANCE = 20.0
@@ -122,7 +122,7 @@ def write_process_figure(pipe, labels, path, seed, steps, frames=10, **options):
 
     def collect(i, t, x):
         if i in keep:
-            shots.append(to_image_size(x[:1].clamp(-1, 1).float().cpu(), pipe.unet.config.image_size)[0])
+            shots.append(pipe.to_image(x[:1])[0].cpu())
 
     generate(pipe, [labels], seed, steps, callback=collect, **options)
     with dataset.replacing(path) as temp:
