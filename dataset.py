@@ -352,6 +352,14 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
     return images
 
 
+def resolve_data_dir(data_dir, cache_dir=DEFAULT_CACHE_DIR):
+    """--data-dir as given, or for `synthetic` the generated scenes (rendered once into the cache)."""
+    if data_dir == SYNTHETIC:
+        import synthetic  # imports this module
+        return synthetic.ensure_dataset(Path(cache_dir))
+    return data_dir
+
+
 def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path=None,
                       cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_SIZE):
     """The course layout under `data_dir`; each piece may be given separately instead."""

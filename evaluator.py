@@ -142,7 +142,8 @@ def save_checkpoint(net, path, extra):
 
 
 def train(args):
-    data = dataset.load_training_set(resolve_data_dir(args), cache_dir=args.cache_dir)
+    data = dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir),
+                                     cache_dir=args.cache_dir)
     train_index, held_index = dataset.split_by_scene(data.filenames, args.held_out, args.seed)
     if args.limit:
         train_index = train_index[:args.limit]
@@ -197,7 +198,8 @@ def test(args):
     model = evaluation_model(args.checkpoint, device=args.device)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     fraction, seed = state.get("held_out_fraction", args.held_out), state.get("split_seed", args.seed)
-    data = dataset.load_training_set(resolve_data_dir(args), cache_dir=args.cache_dir)
+    data = dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir),
+                                     cache_dir=args.cache_dir)
     held = data.subset(dataset.split_by_scene(data.filenames, fraction, seed)[1])
     generator = torch.Generator().manual_seed(0)
     conditions = {
@@ -215,13 +217,6 @@ def test(args):
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
-
-
-def resolve_data_dir(args):
-    if args.data_dir == dataset.SYNTHETIC:
-        import synthetic
-        return synthetic.ensure_dataset(Path(args.cache_dir))
-    return args.data_dir
 
 
 def parse_args(argv=None):

@@ -526,11 +526,8 @@ def total_steps(args, num_images, world_size):
 
 
 def load_data(args):
-    data_dir = args.data_dir
-    if data_dir == dataset.SYNTHETIC:
-        import synthetic
-        data_dir = synthetic.ensure_dataset(Path(args.cache_dir))
-    return dataset.load_training_set(data_dir, args.image_dir, args.train_json, args.vocabulary, args.cache_dir)
+    return dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir), args.image_dir,
+                                     args.train_json, args.vocabulary, args.cache_dir)
 
 
 def split_meter_scenes(data, args):

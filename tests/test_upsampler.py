@@ -96,7 +96,8 @@ def test_refuses_a_model_that_denoises_at_full_size(tiny_run, synthetic_data):
     before = digests(tiny_run / "model")
     code, _, stderr = run_main("upsampler.py", tiny_run / "model", "--data-dir", synthetic_data, "--max-steps", 1)
     assert code == 2
-    assert last_line(stderr) == "error: this model denoises at its output size (64 pixels): there is nothing to upsample"
+    assert last_line(stderr) == ("error: this model denoises at its output size (64 pixels): "
+                                 "there is nothing to upsample")
     assert digests(tiny_run / "model") == before
 
 
