@@ -69,11 +69,16 @@ def to_sample_size(images, size):
     return images if images.shape[-1] == size else F.adaptive_avg_pool2d(images, size)
 
 
+def bicubic(sample, size):
+    """`sample` resized to size x size, bicubic (unclamped: it overshoots a little at edges)."""
+    return F.interpolate(sample.float(), size=(size, size), mode="bicubic", align_corners=False)
+
+
 def to_image_size(sample, size):
     """The denoised sample at the output resolution (bicubic, then clamped to the image range)."""
     if sample.shape[-1] == size:
         return sample
-    return F.interpolate(sample.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return bicubic(sample, size).clamp(-1, 1)
 
 
 class LabelledUNetMixin:
@@ -199,8 +204,8 @@ class Upsampler(ModelMixin, ConfigMixin):
 
     def forward(self, sample):
         scale = self.config.scale
-        bicubic = F.interpolate(sample, scale_factor=scale, mode="bicubic", align_corners=False)
-        return (bicubic + F.pixel_shuffle(self.correction(sample), scale)).clamp(-1, 1)
+        correction = F.pixel_shuffle(self.correction(sample), scale)
+        return (bicubic(sample, sample.shape[-1] * scale) + correction).clamp(-1, 1)
 
 
 def count_parameters(model):
