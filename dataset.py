@@ -1,19 +1,15 @@
 """i-CLEVR data: the label vocabulary, condition files, and the training images held in memory.
 
 The course layout is a folder with `iclevr/` (64x64 PNGs), `train.json` (filename -> labels) and
-`objects.json` (label -> index). Every problem with the user's input is raised as `UserError`, which the
-command-line scripts print as one line (see `run_cli`).
+`objects.json` (label -> index). Every problem with the user's input is raised as `cli.UserError`, which the
+command-line scripts print as one line.
 """
 import difflib
 import hashlib
 import json
 import os
 import re
-import shutil
-import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,100 +18,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from cli import UserError, read_json, replacing, warn
+
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_VOCABULARY = PROJECT_DIR / "object.json"
 DEFAULT_CACHE_DIR = Path(os.environ.get("ICLEVR_CACHE_DIR", Path.home() / ".cache" / "iclevr-ddpm"))
 DEFAULT_DATA_DIR = os.environ.get("ICLEVR_DATA_DIR", "data")
 SYNTHETIC = "synthetic"  # --data-dir value that asks for generated scenes instead of the course files
 IMAGE_SIZE = 64
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment; shown as one line, never as a traceback."""
-
-    exit_code = 2
-
-
-def run_cli(main):
-    """Run a script's main(); user errors become `error: ...` on stderr and exit code 2, and warnings are
-    one `warning: ...` line each."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        code = main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code or 0)
-
-
-def warn(message):
-    """Something the user should know that does not stop the run: one line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def read_json(path, what="file"):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read ({error})")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output folders: complete or absent
-
-
-def fsync_tree(path):
-    for file in sorted(Path(path).rglob("*")):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def publish_dir(temp, final):
-    """Move a fully written folder into place so readers only ever see complete ones."""
-    fsync_tree(temp)
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(temp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def replacing(path):
-    """Yield a temporary path beside `path` (same folder and suffix); once the block has written it, it replaces
-    `path` in one rename. On failure it is removed: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def make_output_dir(path):
-    """Create an output folder, or say in one line why it cannot be written."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to {path}: {error.strerror or error}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,6 +124,24 @@ def random_conditions(count, vocabulary, mix, seed):
     rng = np.random.default_rng(seed)
     sizes = rng.choice(list(mix), size=count, p=np.array(list(mix.values())) / sum(mix.values()))
     return [[vocabulary.names[i] for i in rng.choice(len(vocabulary), size=k, replace=False)] for k in sizes]
+
+
+def scene_object_conditions(filenames, label_lists, count, objects, seed):
+    """`count` label sets of `objects` distinct labels, each label an object of a different training scene: larger
+    scenes than the data holds (i-CLEVR has at most 3 objects), built from objects it does show, no scene copied."""
+    scene_objects = {}
+    for name, labels in zip(filenames, label_lists):
+        scene_objects.setdefault(scene_of(name), set()).update(labels)
+    scenes = [sorted(scene_objects[scene]) for scene in sorted(scene_objects)]
+    if len(scenes) < objects:
+        raise UserError(f"{objects} objects from different scenes, but the data has only {len(scenes)} scenes")
+    rng = np.random.default_rng(seed)
+    sets = []
+    while len(sets) < count:
+        picked = [scenes[i][rng.integers(len(scenes[i]))] for i in rng.choice(len(scenes), objects, replace=False)]
+        if len(set(picked)) == objects:  # a label twice: draw this set again
+            sets.append(picked)
+    return sets
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,14 +278,6 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
     except OSError as error:
         warn(f"could not write the image cache {cache_file} ({error}); decoding again next time")
     return images
-
-
-def resolve_data_dir(data_dir, cache_dir=DEFAULT_CACHE_DIR):
-    """--data-dir as given, or for `synthetic` the generated scenes (rendered once into the cache)."""
-    if data_dir == SYNTHETIC:
-        import synthetic  # imports this module
-        return synthetic.ensure_dataset(Path(cache_dir))
-    return data_dir
 
 
 def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path=None,

@@ -7,7 +7,9 @@ and a Fréchet distance to real training images in the evaluator's 512-d feature
     python evaluate.py --model runs/small/model --conditions random:500   # select models without test files
 
 `random:N` (or `random:N:SEED`) draws N label sets with the training set's mix of object counts, so model,
-checkpoint and guidance-scale choices never have to look at test.json / new_test.json.
+checkpoint and guidance-scale choices never have to look at test.json / new_test.json. `objects:K:N[:SEED]`
+draws N sets of K labels, each an object of a different training scene: with K = 4 to 6, scenes larger than
+any the data holds (drawn by composition, see sample.py --compose-above).
 """
 import argparse
 import json
@@ -18,9 +20,9 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import UserError, run_cli
+from cli import UserError, make_output_dir, read_json, replacing, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model, topk_hits
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS
 from sample import generate, generation_options, prepare_pipeline
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
@@ -82,8 +84,9 @@ def summarise(per_seed):
 def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, **options):
     """Generate every condition set with every seed and score it: {name: {"seeds": ..., "mean": ...}},
     plus the generated images per name (for the Fréchet distance). `options`: generate's steps, guidance_scale,
-    guidance_max_t."""
-    vocabulary = dataset.find_vocabulary()
+    guidance_max_t, precision."""
+    vocabulary = pipe.unet.vocabulary
+    evaluator.check_label_order(vocabulary, "the model")
     results, images = {}, {}
     for name, label_lists in condition_sets.items():
         per_seed, generated = {}, []
@@ -101,23 +104,35 @@ def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, *
 
 
 def parse_condition_arg(text, vocabulary, data):
-    """A condition file, or random:N[:SEED] with the training set's object-count mix."""
-    if text.startswith("random:"):
+    """A condition file; random:N[:SEED], N label sets with the training set's object-count mix; or
+    objects:K:N[:SEED], N sets of K labels, each an object of a different training scene (K may exceed the
+    largest training scene)."""
+    kind = text.split(":")[0]
+    if kind in ("random", "objects"):
         parts = text.split(":")
+        usage = "random:N or random:N:SEED" if kind == "random" else "objects:K:N or objects:K:N:SEED"
+        numbers = 2 if kind == "random" else 3  # the kind and its counts, before the optional seed
         try:
-            count, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+            counts = [int(part) for part in parts[1:numbers]]
+            seed = int(parts[numbers]) if len(parts) > numbers else 0
         except (ValueError, IndexError):
-            raise UserError(f"--conditions {text}: expected random:N or random:N:SEED")
-        if count < 1 or len(parts) > 3:
-            raise UserError(f"--conditions {text}: N must be a positive number")
-        mix = dataset.object_count_mix(data.label_lists) if data is not None else ICLEVR_MIX
-        return text.replace(":", "-"), dataset.random_conditions(count, vocabulary, mix, seed)
+            raise UserError(f"--conditions {text}: expected {usage}")
+        if len(counts) < numbers - 1 or min(counts) < 1 or len(parts) > numbers + 1:
+            raise UserError(f"--conditions {text}: expected {usage}, with positive numbers")
+        name = text.replace(":", "-")
+        if kind == "random":
+            mix = dataset.object_count_mix(data.label_lists) if data is not None else ICLEVR_MIX
+            return name, dataset.random_conditions(counts[0], vocabulary, mix, seed)
+        if data is None:
+            raise UserError(f"--conditions {text}: needs the training scenes (--data-dir with train.json)")
+        objects, count = counts
+        return name, dataset.scene_object_conditions(data.filenames, data.label_lists, count, objects, seed)
     return Path(text).stem, dataset.load_conditions(text, vocabulary)
 
 
 def load_sample_folder(folder, vocabulary):
     folder = Path(folder)
-    record = dataset.read_json(folder / "conditions.json", "conditions.json (is this a sample.py folder?)")
+    record = read_json(folder / "conditions.json", "conditions.json (is this a sample.py folder?)")
     try:
         label_lists = dataset.parse_conditions(record["labels"], vocabulary, folder / "conditions.json")
         images = np.stack([np.asarray(Image.open(folder / name).convert("RGB")) for name in record["images"]])
@@ -148,7 +163,8 @@ def print_table(results):
                   "".join(format_cell(result["by_objects"].get(k)) for k in counts))
         if "frechet" in result:
             print(f"{name:<16s} {'Fréchet distance to real images':>34s}: {result['frechet']:.2f} "
-                  f"({result['frechet_images']} generated vs {result['frechet_reference']} real)")
+                  f"({result['frechet_images']} generated vs {result['frechet_reference']} real; biased upwards "
+                  f"with so few images in 512 dimensions: compare only at equal numbers)")
 
 
 def parse_args(argv=None):
@@ -156,7 +172,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", nargs="+", metavar="DIR", help="sample.py output folders to score")
     p.add_argument("--model", help="model folder to generate from (with --conditions)")
     p.add_argument("--conditions", nargs="+", metavar="FILE",
-                   help="condition files, or random:N[:SEED] (default: DATA_DIR/test.json DATA_DIR/new_test.json)")
+                   help="condition files, random:N[:SEED] (N label sets with the training mix of object counts) or "
+                        "objects:K:N[:SEED] (N sets of K objects from different training scenes) (default: "
+                        "DATA_DIR/test.json DATA_DIR/new_test.json)")
     p.add_argument("--seeds", type=int, default=1, help="score with seeds 0..N-1 and report mean ± std")
     p.add_argument("--sampler", choices=SAMPLERS,
                    help=f"sampler for --model (default: the model folder's sampling.json, else {DEFAULT_SAMPLER})")
@@ -167,6 +185,12 @@ def parse_args(argv=None):
     p.add_argument("--guidance-max-t", type=int,
                    help="guide only the steps at timesteps below this; 1000 = every step (default: the model "
                         "folder's, else every step)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the UNet's arithmetic while sampling: fp32, or bf16 where the hardware has it (default: "
+                        "the model folder's, else fp32); the evaluator always scores in fp32")
+    p.add_argument("--compose-above", type=int, metavar="N",
+                   help="draw requests of more than N labels by composing their N-label sub-requests (default: the "
+                        "largest scene the model was trained on; 0: never)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", default=DEFAULT_CHECKPOINT,
@@ -187,13 +211,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    vocabulary = dataset.find_vocabulary()
     json_path = Path(args.json)
-    dataset.make_output_dir(json_path.parent)
+    make_output_dir(json_path.parent)
     evaluator = evaluation_model(args.evaluator, device=None if args.device == "auto" else args.device)
     have_data = (Path(args.data_dir) / "train.json").is_file()
     data = dataset.load_training_set(args.data_dir) if have_data and (args.model or args.reference_images) else None
     if args.samples:
+        vocabulary = dataset.find_vocabulary(args.data_dir)
+        evaluator.check_label_order(vocabulary, vocabulary.source)
         results, images, condition_sets, settings = {}, {}, {}, {"samples": args.samples}
         for folder in args.samples:
             record, label_lists, batch = load_sample_folder(folder, vocabulary)
@@ -203,11 +228,11 @@ def main(argv=None):
             condition_sets[name] = label_lists
     else:
         pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                          args.guidance_max_t)
+                                          args.guidance_max_t, args.precision)
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         condition_sets = dict(parse_condition_arg(text, pipe.unet.vocabulary, data) for text in sources)
         results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), args.batch_size,
-                                         **generation_options(sampling))
+                                         **generation_options(sampling, args.compose_above))
         settings = {"model": args.model, **sampling, "seeds": args.seeds, "conditions": sources}
     if data is not None and args.reference_images:
         for name, batch in images.items():
@@ -216,7 +241,7 @@ def main(argv=None):
             results[name].update(frechet=frechet_distance(features_of(evaluator, batch), reference),
                                  frechet_images=len(batch), frechet_reference=len(reference))
     print_table(results)
-    with dataset.replacing(json_path) as temp:
+    with replacing(json_path) as temp:
         temp.write_text(json.dumps({"settings": settings, "evaluator": str(args.evaluator), "results": results},
                                    indent=1))
     print(f"wrote {json_path}")

@@ -20,7 +20,8 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 import dataset
-from dataset import UserError, run_cli
+import synthetic
+from cli import UserError, replacing, run_cli
 
 NUM_LABELS = 24
 DEFAULT_CHECKPOINT = os.environ.get("ICLEVR_EVALUATOR", "checkpoint.pth")
@@ -81,17 +82,33 @@ class evaluation_model:  # noqa: N801 -- the course's name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.resnet18 = self.resnet18.to(self.device).eval()
         self.classnum = NUM_LABELS
+        self.checkpoint = checkpoint
+        self.label_names = state.get("label_names")  # checkpoints trained here name their label order
+
+    def check_label_order(self, vocabulary, whose):
+        """Refuse to score labels encoded in another order than the evaluator's (when its checkpoint says)."""
+        if self.label_names is not None and list(self.label_names) != vocabulary.names:
+            first = next((i for i, (a, b) in enumerate(zip(self.label_names, vocabulary.names)) if a != b),
+                         min(len(self.label_names), len(vocabulary.names)))
+            theirs = self.label_names[first] if first < len(self.label_names) else "none"
+            ours = vocabulary.names[first] if first < len(vocabulary.names) else "none"
+            raise UserError(f"{self.checkpoint} orders its labels differently from {whose} (label {first}: "
+                            f"{theirs!r} there, {ours!r} here): use an evaluator trained with the same objects.json")
 
     def compute_acc(self, out, onehot_labels):
         return pooled_accuracy(out, onehot_labels)
 
+    # Always float32, also inside a caller's autocast: in bf16 every logit above ~7 rounds to a sigmoid of exactly
+    # 1.0, and top-k would then pick among tied labels by index instead of by confidence.
     @torch.no_grad()
     def predict(self, images):
-        return self.resnet18(images.to(self.device)).cpu()
+        with torch.autocast(self.device.type, enabled=False):
+            return self.resnet18(images.to(self.device, torch.float32)).cpu()
 
     @torch.no_grad()
     def features(self, images):
-        return features(self.resnet18, images.to(self.device)).cpu()
+        with torch.autocast(self.device.type, enabled=False):
+            return features(self.resnet18, images.to(self.device, torch.float32)).cpu()
 
     def eval(self, images, labels):
         return self.compute_acc(self.predict(images), labels.cpu())
@@ -137,12 +154,12 @@ def save_checkpoint(net, path, extra):
     """Course format ('model': state dict) plus provenance; written to a temporary file, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with dataset.replacing(path) as temp:
+    with replacing(path) as temp:
         torch.save({"model": net.state_dict(), **extra}, temp)
 
 
 def train(args):
-    data = dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir),
+    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir),
                                      cache_dir=args.cache_dir)
     train_index, held_index = dataset.split_by_scene(data.filenames, args.held_out, args.seed)
     if args.limit:
@@ -198,7 +215,7 @@ def test(args):
     model = evaluation_model(args.checkpoint, device=args.device)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     fraction, seed = state.get("held_out_fraction", args.held_out), state.get("split_seed", args.seed)
-    data = dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir),
+    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir),
                                      cache_dir=args.cache_dir)
     held = data.subset(dataset.split_by_scene(data.filenames, fraction, seed)[1])
     generator = torch.Generator().manual_seed(0)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-import dataset
-from dataset import UserError, run_cli
-from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ICLEVRPipeline, load_pipeline,
+from cli import UserError, make_output_dir, publish_dir, run_cli
+from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, ICLEVRPipeline, load_pipeline,
                    write_sampling_settings)
 from sample import describe_guidance, sampling_settings
 
@@ -28,7 +27,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
     pipe = load_pipeline(source)
     destination = Path(destination)
-    dataset.make_output_dir(destination.parent)
+    make_output_dir(destination.parent)
     temp = destination.with_name(f".tmp-{destination.name}-{os.getpid()}")
     if half:
         pipe.to(torch.float16)
@@ -36,7 +35,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     # a new pipeline object: the loaded one's config would record the source path
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
     write_sampling_settings(temp, sampling)
-    dataset.publish_dir(temp, destination)
+    publish_dir(temp, destination, manifest=True)
     return destination
 
 
@@ -51,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0, help="its classifier-free guidance scale")
     p.add_argument("--guidance-max-t", type=int, help="its guidance limit: guide only timesteps below this "
                                                       "(default: guide every step)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="the UNet's arithmetic it was measured with while sampling (bf16: autocast, used where the "
+                        "hardware has fast bf16)")
     p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
     p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
     return p.parse_args(argv)
@@ -59,12 +61,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
-    sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t)
+    sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t, args.precision)
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {args.sampler}, {steps} steps, "
-          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)})")
+          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)}, {args.precision})")
     return 0
 
 

@@ -6,7 +6,10 @@ Two ways in for the labels:
   labels).
 - `ObjectTokenUNet` (the CPU recipe): the same, plus one token per requested object (colour embedding + shape
   embedding) read by cross-attention (UNet2DConditionModel), which binds each colour to its shape.
-The all-zero vector is the unconditional input for classifier-free guidance.
+The all-zero vector is the unconditional input for classifier-free guidance. `trained_objects` (in the config,
+set by train.py) is the largest number of objects in a training image: the pipeline draws larger requests by
+composing their sub-requests of that size (Composable Diffusion, Liu et al. 2022), since a label vector with more
+objects than any training scene lies outside what the model has learned.
 
 Either model may denoise at a lower resolution than it outputs (`sample_size` 32 for `image_size` 64): training
 images are averaged down 2x2, and the pipeline upsamples its result: bicubic, or where the model folder has one
@@ -15,6 +18,7 @@ this makes every step 4x cheaper; but bicubic's slight blur costs a classifier t
 (docs/RESULTS.md), which the learned upsampler wins back.
 """
 import inspect
+import itertools
 import json
 from pathlib import Path
 
@@ -25,8 +29,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 
-from dataset import IMAGE_SIZE, UserError, Vocabulary, read_json
+from cli import MANIFEST, UserError, manifest_problem, read_json
+from dataset import IMAGE_SIZE, Vocabulary
 
 PRESETS = {
     # The report's model (diffusers' 64x64 example UNet): ~114M parameters, GPU only.
@@ -104,7 +110,7 @@ class ConditionalUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
     def __init__(self, label_names=(), image_size=IMAGE_SIZE, sample_size=None, fold=1, preset=None,
                  block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
                  up_block_types=("UpBlock2D",) * 2, attention_head_dim=8, norm_num_groups=32, dropout=0.0,
-                 resnet_time_scale_shift="default"):
+                 resnet_time_scale_shift="default", trained_objects=None):
         super().__init__()
         channels = 3 * fold * fold
         self.unet = UNet2DModel(
@@ -137,7 +143,7 @@ class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
                  block_out_channels=(32, 64, 128), layers_per_block=1,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
-                 cross_attention_dim=128, max_objects=4, norm_num_groups=32, dropout=0.0):
+                 cross_attention_dim=128, max_objects=4, norm_num_groups=32, dropout=0.0, trained_objects=None):
         super().__init__()
         colours, shapes = zip(*(name.rsplit(" ", 1) if " " in name else (name, "") for name in label_names))
         colour_names, shape_names = sorted(set(colours)), sorted(set(shapes))
@@ -228,22 +234,29 @@ DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25}
 # its samples carry a strong colour cast and score at chance (docs/RESULTS.md); not ddpm: 1000 steps are
 # minutes per grid on a CPU.
 DEFAULT_SAMPLER = "ddim"
+MAX_COMPOSED = 6  # the most objects one request may ask for when composition draws it (measured up to 6)
+PRECISIONS = ("fp32", "bf16")  # the UNet's arithmetic while sampling (bf16: autocast)
 SAMPLING_FILE = "sampling.json"  # in a model folder: the sampler, steps and guidance scale it was measured with
 
 
 def sampling_scheduler(train_config, sampler):
     """A scheduler for `sampler` built from the training scheduler's config, so betas always match.
 
-    DPM-Solver++ gets dynamic thresholding at 1.0: without it, it diverged on a cosine-schedule model
-    (pixel values ~1e4), while DDPM/DDIM clip their x0 estimate by default.
+    Every sampler spaces its steps "trailing", so that the first one is the last training timestep (pure noise):
+    with diffusers' default "leading" spacing, 20 steps start at t = 950 from an image that is not noise at all.
+    DPM-Solver++ gets dynamic thresholding at 1.0 (without it, it diverged on a cosine-schedule model: pixel values
+    ~1e4; DDPM/DDIM clip their x0 estimate by default) and, on the cosine schedule, the lambda clipping diffusers
+    documents for squaredcos_cap_v2.
     """
+    spacing = {"timestep_spacing": "trailing"}
     if sampler == "ddpm":
-        return DDPMScheduler.from_config(train_config)
+        return DDPMScheduler.from_config(train_config, **spacing)
     if sampler == "ddim":
-        return DDIMScheduler.from_config(train_config, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(train_config, **spacing)
     if sampler == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++",
-                                                       thresholding=True, sample_max_value=1.0)
+        cosine = {"lambda_min_clipped": -5.1} if train_config["beta_schedule"] == "squaredcos_cap_v2" else {}
+        return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", thresholding=True,
+                                                       sample_max_value=1.0, **spacing, **cosine)
     raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
 
 
@@ -272,51 +285,123 @@ class ICLEVRPipeline(DiffusionPipeline):
             return to_image_size(sample, self.unet.config.image_size)
         return self.upsampler(sample.to(self.upsampler.dtype)).float()
 
-    def label_vectors(self, conditions):
+    def label_vectors(self, conditions, compose_above="auto"):
+        """Checked multi-hot rows for the requests; each may hold up to `max_objects` labels (the object-token
+        model's tokens), or with composition (requests above `compose_above` labels; "auto": the model's
+        trained_objects) up to MAX_COMPOSED."""
         if isinstance(conditions, torch.Tensor):
             return conditions.float()
-        vocabulary, limit = self.unet.vocabulary, getattr(self.unet.config, "max_objects", None)
+        if compose_above == "auto":
+            compose_above = self.default_compose_above()
+        vocabulary = self.unet.vocabulary
+        limit = MAX_COMPOSED if compose_above else getattr(self.unet.config, "max_objects", None)
         for i, labels in enumerate(conditions):
             vocabulary.check(list(labels), f"condition {i}")
             if limit is not None and len(labels) > limit:
-                raise UserError(f"condition {i}: {len(labels)} labels, but this model draws at most {limit} objects")
+                how = f" ({compose_above} jointly, more by composing {compose_above}-object sub-requests)" \
+                    if compose_above else ""
+                raise UserError(f"condition {i}: {len(labels)} labels, but this model draws at most {limit} "
+                                f"objects{how}")
         return vocabulary.encode_all([list(c) for c in conditions])
 
-    def predict(self, x, t, labels, guidance_scale):
+    def default_compose_above(self):
+        """Requests above the largest training scene are composed; a model that does not know it never composes."""
+        return getattr(self.unet.config, "trained_objects", None)
+
+    @staticmethod
+    def sub_requests(labels, compose_above):
+        """The label vectors the UNet is asked for, one row each, and the request each belongs to: a request of at
+        most `compose_above` labels is itself (joint sampling, as always); a larger one is each of its subsets of
+        `compose_above` labels. -> (rows, owner)"""
+        rows, owner = [], []
+        for request, vector in enumerate(labels):
+            present = vector.nonzero().flatten().tolist()
+            subsets = [present] if not compose_above or len(present) <= compose_above else \
+                itertools.combinations(present, compose_above)
+            for subset in subsets:
+                row = torch.zeros_like(vector)
+                row[list(subset)] = vector[list(subset)]
+                rows.append(row)
+                owner.append(request)
+        return torch.stack(rows), torch.tensor(owner, device=labels.device)
+
+    def clean_estimate(self, output, t, x):
+        """The clean image the model's output at timestep t implies (DDPM's and DDIM's pred_original_sample,
+        computed here the same way for every sampler), clamped to the image range."""
+        alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
+        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return (signal * x - noise * output).clamp(-1, 1)
+        return ((x - noise * output) / signal).clamp(-1, 1)
+
+    def predict(self, x, t, rows, owner, guidance_scale, precision="fp32"):
+        """The UNet's output at t for each sample in x, as float32 (in bf16 autocast for precision "bf16"): the mean
+        of its sub-requests' outputs (`rows`, of sample `owner`; one per sample for joint sampling), guided as
+        eps = eps_uncond + scale * (mean eps_cond - eps_uncond), which for composed requests is Composable
+        Diffusion's conjunction with the weight spread over the sub-requests."""
+        joint = len(rows) == len(x)  # then owner is 0..n-1: the arithmetic of plain joint sampling, bit for bit
+        inputs = x if joint else x[owner]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if guidance_scale == 1.0:
+                both = self.unet(inputs, t.expand(len(inputs)), rows)
+            else:  # the sub-requests and every sample's unconditional input in one forward pass
+                both = self.unet(torch.cat([inputs, x]), t.expand(len(inputs) + len(x)),
+                                 torch.cat([rows, torch.zeros_like(rows[:len(x)])]))
+        conditional, unconditional = both.float()[:len(inputs)], both.float()[len(inputs):]
+        if not joint:
+            counts = torch.bincount(owner, minlength=len(x)).to(conditional.dtype)
+            conditional = torch.zeros_like(x, dtype=conditional.dtype).index_add_(0, owner, conditional)
+            conditional = conditional / counts[:, None, None, None]
         if guidance_scale == 1.0:
-            return self.unet(x, t.expand(len(x)), labels)
-        # conditional and unconditional halves in one forward pass
-        both = self.unet(torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, torch.zeros_like(labels)]))
-        conditional, unconditional = both.chunk(2)
+            return conditional
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
     def __call__(self, conditions, num_inference_steps=None, guidance_scale=1.0, generator=None,
-                 output_type="pil", batch_size=64, callback=None, guidance_max_t=None):
+                 output_type="pil", batch_size=64, callback=None, guidance_max_t=None, precision="fp32",
+                 compose_above="auto"):
         """output_type: "pil", "np" (uint8 HxWx3) or "pt" (float Bx3xHxW in [-1, 1]).
-        callback(step_index, timestep, sample) sees every intermediate sample, at the denoising resolution (for
-        the process figure)."""
-        labels = self.label_vectors(conditions).to(self.device)
+        compose_above: requests with more labels are drawn by composing their sub-requests of this many labels
+        ("auto": the model's trained_objects; None or 0: never).
+        callback(step_index, timestep, sample, clean_estimate) sees, before each step, the noisy sample the model
+        denoises at that timestep and the model's estimate of the clean image from it, both at the denoising
+        resolution (for the process figure)."""
+        if compose_above == "auto":
+            compose_above = self.default_compose_above()
+        labels = self.label_vectors(conditions, compose_above).to(self.device)
         size = self.unet.denoising_size
         noise = randn_tensor((len(labels), 3, size, size), generator=generator, device=self.device,
                              dtype=self.unet.dtype)
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
         images = []
         for start in range(0, len(labels), batch_size):
-            x, chunk = noise[start:start + batch_size], labels[start:start + batch_size].to(self.unet.dtype)
+            x = noise[start:start + batch_size]
+            rows, owner = self.sub_requests(labels[start:start + batch_size], compose_above)
+            rows = rows.to(self.unet.dtype)
             self.scheduler.set_timesteps(steps, device=self.device)
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 guided = guidance_max_t is None or t < guidance_max_t
-                output = self.predict(x, t, chunk, guidance_scale if guided else 1.0)
-                x = self.scheduler.step(output, t, x, generator=generator).prev_sample
+                output = self.predict(x, t, rows, owner, guidance_scale if guided else 1.0, precision)
                 if callback is not None:
-                    callback(i, t, x)
+                    callback(i, t, x, self.clean_estimate(output, t, x))
+                x = self.scheduler.step(output, t, x, generator=generator).prev_sample
             images.append(self.to_image(x))
         images = torch.cat(images)
         if output_type == "pt":
             return ImagePipelineOutput(images=images)
         array = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return ImagePipelineOutput(images=array if output_type == "np" else [Image.fromarray(a) for a in array])
+
+
+def fast_bf16(device_type):
+    """Whether bf16 arithmetic runs fast here: a CUDA GPU that supports it, or a CPU with AMX-BF16 (elsewhere
+    PyTorch emulates it on a CPU, slower than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return any("amx_bf16" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
 
 
 def find_model_dir(path):
@@ -335,9 +420,12 @@ def load_pipeline(path, device="cpu"):
     """-> ICLEVRPipeline in float32 (a shipped folder may hold fp16 weights), with one-line errors for what is
     missing or foreign. `pipe.sampling_settings` holds the folder's sampling.json ({} without one)."""
     path = find_model_dir(path)
+    problem = manifest_problem(path) if (path / MANIFEST).is_file() else None  # folders without one still load
+    if problem is not None:
+        raise UserError(f"{path} is damaged ({problem})")
     try:
         pipe = ICLEVRPipeline.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, TypeError, AttributeError, SafetensorError) as error:
         raise UserError(f"{path}: cannot load the model ({str(error).splitlines()[0][:160]})")
     if not isinstance(pipe, ICLEVRPipeline):
         raise UserError(f"{path}: a {type(pipe).__name__} folder, not an {ICLEVRPipeline.__name__}")
@@ -363,9 +451,9 @@ def read_sampling_settings(folder):
     if not path.is_file():
         return {}
     settings = read_json(path, "sampling settings file")
-    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int}
+    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str}
     if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
                                              for k, kind in expected.items()):
         raise UserError(f'{path}: expected {{"sampler": name, "steps": integer, "guidance_scale": number, '
-                        f'"guidance_max_t": integer}} (each optional)')
+                        f'"guidance_max_t": integer, "precision": "fp32" or "bf16"}} (each optional)')
     return {k: settings[k] for k in expected if k in settings}

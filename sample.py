@@ -22,8 +22,8 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 import dataset
-from dataset import UserError, run_cli
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, load_pipeline, sampling_scheduler
+from cli import UserError, make_output_dir, publish_dir, replacing, run_cli, warn
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, fast_bf16, load_pipeline, sampling_scheduler
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 MAX_GUIDANCE = 20.0
@@ -37,8 +37,10 @@ def pick_device(name=None):
     return name
 
 
-def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None):
-    """Refuse a sampler, step count or guidance setting out of range (from a flag or a sampling.json)."""
+def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32"):
+    """Refuse a sampler, step count, guidance setting or precision out of range (from a flag or a sampling.json)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if steps is not None and not 1 <= steps <= 1000:
@@ -50,11 +52,14 @@ def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None)
         raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
 
 
-def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None):
-    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited)."""
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
+def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32"):
+    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited, precision
+    only when it is not fp32)."""
+    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision)
     settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-    return settings if guidance_max_t is None else {**settings, "guidance_max_t": guidance_max_t}
+    if guidance_max_t is not None:
+        settings["guidance_max_t"] = guidance_max_t
+    return settings if precision == "fp32" else {**settings, "precision": precision}
 
 
 def describe_guidance(guidance_scale, guidance_max_t=None):
@@ -62,13 +67,15 @@ def describe_guidance(guidance_scale, guidance_max_t=None):
     return f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
 
 
-def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None):
+def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
+                     precision=None):
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
-    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step).
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"]})"""
+    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step, fp32). bf16 where the hardware has no fast bf16
+    (a CPU without AMX) is fp32, with a note.
+    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "precision"]})"""
     check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t)
+                            guidance_max_t, precision or "fp32")
     pipe = load_pipeline(model, pick_device(device))
     saved = pipe.sampling_settings
     sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
@@ -78,17 +85,23 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         guidance_scale = float(saved.get("guidance_scale", 1.0))
     if guidance_max_t is None:
         guidance_max_t = saved.get("guidance_max_t")
-    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t)
+    precision = precision or saved.get("precision", "fp32")
+    if precision == "bf16" and not fast_bf16(pipe.device.type):
+        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 on a CPU): sampling in fp32")
+        precision = "fp32"
+    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
     return pipe, settings
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
-             guidance_max_t=None):
-    """uint8 images (N, 64, 64, 3); the same seed and settings give the same images."""
+             guidance_max_t=None, precision="fp32", compose_above="auto"):
+    """uint8 images (N, 64, 64, 3); the same seed and settings give the same images. Requests with more labels
+    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t).images
+                output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t,
+                precision=precision, compose_above=compose_above).images
 
 
 def grid_image(images_uint8, nrow=8):
@@ -106,27 +119,78 @@ def write_sample_folder(out, images, record):
         Image.fromarray(image).save(temp / name)
     save_image(grid_image(images), temp / "grid.png")
     (temp / "conditions.json").write_text(json.dumps({**record, "images": names}, indent=1))
-    dataset.publish_dir(temp, out)
+    publish_dir(temp, out)
     return out
 
 
-def generation_options(settings):
-    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's)."""
-    return {key: value for key, value in settings.items() if key != "sampler"}
+def generation_options(settings, compose_above=None):
+    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's),
+    with --compose-above where given (0: never compose)."""
+    options = {key: value for key, value in settings.items() if key != "sampler"}
+    return options if compose_above is None else {**options, "compose_above": compose_above or None}
+
+
+def process_frames(samples, estimates, frames):
+    """Indices of min(frames, len(samples)) steps placed evenly along the way the picture travels to the final one,
+    not evenly in step index: at high noise many steps change nothing a reader can see, and the scene forms within
+    a few. The way is the mean of the noisy sample's and the clean estimate's progress (1 - distance to the final
+    image over the first one's); the first and last steps are always shown."""
+    progress = []
+    for pictures in (samples, estimates):
+        flat = torch.stack(pictures).flatten(1)
+        distance = (flat - flat[-1]).norm(dim=1)
+        progress.append(1 - distance / distance[0].clamp(min=1e-8))
+    progress = (progress[0] + progress[1]) / 2
+    chosen = []
+    for level in torch.linspace(0, 1, min(frames, len(samples))).tolist():
+        unused = [i for i in range(len(samples)) if i not in chosen]
+        chosen.append(min(unused, key=lambda i: abs(progress[i].item() - level)))
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def process_columns(pipe, labels, seed, steps, frames=10, **options):
+    """The process figure's columns: (title, noisy sample, clean estimate or None), images HxWx3 in [0, 1] at the
+    output size (through the folder's upsampler), for the steps process_frames chooses, then the final image."""
+    seen = []
+    final = generate(pipe, [labels], seed, steps, callback=lambda i, t, x, x0: seen.append((int(t), x[:1], x0[:1])),
+                     **options)[0]
+
+    def picture(sample):
+        return ((pipe.to_image(sample)[0].permute(1, 2, 0).cpu().float().numpy() + 1) / 2).clip(0, 1)
+
+    columns = [(f"t={t}", picture(x), picture(x0)) for t, x, x0 in seen] + [("final", final / 255, None)]
+    chosen = process_frames([torch.from_numpy(top).float() for _, top, _ in columns],
+                            [torch.from_numpy(top if bottom is None else bottom).float() for _, top, bottom in columns],
+                            frames)
+    return [columns[i] for i in chosen]
 
 
 def write_process_figure(pipe, labels, path, seed, steps, frames=10, **options):
-    """One row from (almost) pure noise to the final image: min(frames, steps) evenly spaced samples x_t."""
-    keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
-    shots = []
+    """One PNG: above, the noisy sample the model denoises at the chosen timesteps, from pure noise to the final
+    image; beneath each, the model's estimate of the clean image from it; each column titled with its timestep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    def collect(i, t, x):
-        if i in keep:
-            shots.append(pipe.to_image(x[:1])[0].cpu())
-
-    generate(pipe, [labels], seed, steps, callback=collect, **options)
-    with dataset.replacing(path) as temp:
-        save_image(make_grid((torch.stack(shots) + 1) / 2, nrow=len(shots), padding=2), temp)
+    columns = process_columns(pipe, labels, seed, steps, frames, **options)
+    fig, axes = plt.subplots(2, len(columns), figsize=(0.95 * len(columns) + 0.9, 2.55), squeeze=False)
+    for column, (title, top, bottom) in enumerate(columns):
+        for axis, image in zip((axes[0][column], axes[1][column]), (top, bottom)):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if image is None:
+                axis.axis("off")
+            else:
+                axis.imshow(image, interpolation="nearest")
+        axes[0][column].set_title(title, fontsize=8)
+    axes[0][0].set_ylabel("noisy sample", fontsize=8)
+    axes[1][0].set_ylabel("clean\nestimate", fontsize=8)
+    fig.suptitle(", ".join(labels), fontsize=9)
+    fig.tight_layout(pad=0.3, w_pad=0.2, h_pad=0.2)
+    with replacing(path) as temp:
+        fig.savefig(temp, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -152,24 +216,37 @@ def parse_args(argv=None):
     p.add_argument("--guidance-max-t", type=int,
                    help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
                         "others; 1000 guides every step (default: the model folder's, else every step)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it "
+                        "(AMX-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, else fp32)")
+    p.add_argument("--compose-above", type=int, metavar="N",
+                   help="draw requests of more than N labels by composing their N-label sub-requests, one batched "
+                        "pass per step (default: the largest scene the model was trained on, 3 for i-CLEVR, so "
+                        "that 4 to 6 objects can be asked for; 0: never, joint sampling of every request)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", default="samples", help="output folder (created if missing)")
     p.add_argument("--process", action="store_true",
-                   help="also write OUT/process.png: the denoising process of one label set")
+                   help="also write OUT/process.png: the denoising process of one label set (the noisy sample "
+                        "above, the model's estimate of the clean image beneath, at steps placed where the image "
+                        "changes, each labelled with its timestep)")
     p.add_argument("--process-labels", default=PROCESS_LABELS, help="label set of the process figure")
+    p.add_argument("--process-frames", type=int, default=10,
+                   help="columns of the process figure (at most the number of denoising steps)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.process_frames < 2:
+        p.error("--process-frames must be at least 2 (pure noise and the final image)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                      args.guidance_max_t)
-    options = generation_options(sampling)
+                                      args.guidance_max_t, args.precision)
+    options = generation_options(sampling, args.compose_above)
     vocabulary = pipe.unet.vocabulary
     jobs = {}
     if args.labels:
@@ -178,14 +255,17 @@ def main(argv=None):
     for path in files:
         jobs[Path(path).stem] = (str(path), dataset.load_conditions(path, vocabulary))
     process_labels = dataset.parse_label_string(args.process_labels, vocabulary) if args.process else None
-    out = dataset.make_output_dir(args.out)
+    for _, label_lists in jobs.values():  # a request the model cannot draw is refused before anything is written
+        pipe.label_vectors(label_lists, options.get("compose_above", "auto"))
+    out = make_output_dir(args.out)
     settings = {"model": str(args.model), **sampling, "seed": args.seed}
     for name, (source, label_lists) in jobs.items():
         images = generate(pipe, label_lists, args.seed, batch_size=args.batch_size, **options)
         folder = write_sample_folder(out / name, images, {"source": source, **settings, "labels": label_lists})
         print(f"wrote {folder}/grid.png and {len(images)} images")
     if process_labels:
-        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed, **options)
+        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed,
+                                    frames=args.process_frames, **options)
         print(f"wrote {path}")
     return 0
 

@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dataset import DEFAULT_VOCABULARY, IMAGE_SIZE, UserError, Vocabulary, parse_label_string, run_cli
+from cli import UserError, read_json, run_cli
+from dataset import (DEFAULT_CACHE_DIR, DEFAULT_VOCABULARY, IMAGE_SIZE, SYNTHETIC, Vocabulary,
+                     parse_label_string)
 
 COLOURS = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
            "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -243,14 +245,17 @@ def ensure_dataset(cache_dir, scenes=None, max_objects=3, seed=0):
     return out
 
 
+def resolve_data_dir(data_dir, cache_dir=DEFAULT_CACHE_DIR):
+    """--data-dir as given, or for `synthetic` the generated scenes (rendered once into the cache)."""
+    return ensure_dataset(Path(cache_dir)) if data_dir == SYNTHETIC else data_dir
+
+
 def write_comparison(data_dir, path, vocabulary, seed, count=32):
     """Side by side: `count` synthetic images and `count` real ones with 1-3 objects (8 per row)."""
     import torch
     from torchvision.utils import make_grid, save_image
 
-    import dataset
-
-    mapping = dataset.read_json(Path(data_dir) / "train.json", "training label file")
+    mapping = read_json(Path(data_dir) / "train.json", "training label file")
     rng = np.random.default_rng(seed)
     real_names = rng.choice(sorted(mapping), size=count, replace=False)
     real = [np.asarray(Image.open(Path(data_dir) / "iclevr" / name).convert("RGB")) for name in real_names]

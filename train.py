@@ -7,11 +7,8 @@ The run folder holds checkpoints/ (the last --keep, each written atomically), me
 at the end, model/ (the EMA weights as an ICLEVRPipeline folder for sample.py and evaluate.py).
 """
 import argparse
-import fcntl
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -22,13 +19,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import checkpoints
 import dataset
-from dataset import UserError, run_cli
+import metrics
+import synthetic
+from cli import UserError, run_cli
 from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters,
-                   load_pipeline, sampling_scheduler, to_sample_size, training_scheduler, write_sampling_settings)
+                   sampling_scheduler, to_sample_size, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -166,200 +165,6 @@ def parse_model_option(parser, text):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run folder: one writer, atomic checkpoints
-
-
-def lock_run_dir(run_dir):
-    """An flock on RUN/.lock: a second train.py on the same run refuses; the kernel drops the lock when its
-    holder dies, even by SIGKILL, so a stale lock file is simply taken over."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        raise UserError(f"{run_dir} is in use by another train.py (pid {holder}); wait for it or pick another --out")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
-def remove_partial_writes(run_dir):
-    """Temporary folders left by a process killed while writing: never read, so simply deleted."""
-    for leftover in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*"), *(run_dir / "checkpoints").glob(".tmp-*"),
-                     *(run_dir / "checkpoints").glob(".old-*")]:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def checkpoint_dirs(run_dir):
-    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
-    folder = run_dir / "checkpoints"
-    found = [d for d in folder.glob("step-*") if (d / "state.json").is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
-
-
-def export_pipeline(model, ema, noise_scheduler, folder, sampling=None):
-    """Save the EMA weights as an ICLEVRPipeline folder (written to a temporary name, then moved), with the
-    sampling settings it was evaluated with (sampling.json), if any."""
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    ICLEVRPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(temp)
-    ema.restore(model.parameters())
-    if sampling:
-        write_sampling_settings(temp, sampling)
-    dataset.publish_dir(temp, folder)
-
-
-def save_checkpoint(run_dir, step, train_seconds, model, ema, optimizer, lr_scheduler, noise_scheduler, keep,
-                    sampling=None):
-    """checkpoints/step-N/: the EMA pipeline (loadable by sample.py), raw weights, optimizer, LR schedule."""
-    folder = run_dir / "checkpoints"
-    temp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    temp.mkdir(parents=True)
-    export_pipeline(model, ema, noise_scheduler, temp / "pipeline", sampling)
-    save_file(model.state_dict(), temp / "model.safetensors")
-    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), temp / "lr_scheduler.pt")
-    ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    state = {"step": step, "train_seconds": train_seconds, "ema": ema_state}
-    (temp / "state.json").write_text(json.dumps(state, indent=1))
-    final = folder / f"step-{step:08d}"
-    dataset.publish_dir(temp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(run_dir, resume):
-    """--resume latest: the newest complete checkpoint, or None on a new run (so a pre-emptible job can use
-    the same command line for its first start and every restart)."""
-    if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise UserError(f"{path}: not a checkpoint folder (expected RUN/checkpoints/step-N)")
-    return path
-
-
-def check_compatible(saved_config, model, where):
-    """Refuse a checkpoint of another architecture or vocabulary with a message that names the difference.
-    `saved_config` is a saved config.json's content or a loaded model's config; both sides are compared as JSON."""
-    current, saved_config = (json.loads(json.dumps(dict(config))) for config in (model.config, saved_config))
-    saved_names, names = saved_config.get("label_names"), current["label_names"]
-    if saved_names != names:
-        saved_names = saved_names or ["none"]
-        raise UserError(f"{where} was trained with another label vocabulary ({len(saved_names)} labels, first "
-                        f"{saved_names[0]!r}) than this run ({len(names)} labels, first {names[0]!r})")
-    for key, value in sorted(saved_config.items(), key=lambda item: item[0] != "preset"):  # preset first
-        if not key.startswith("_") and key in current and current[key] != value:
-            raise UserError(f"{where} has {key}={value}, but this run has {key}={current[key]} "
-                            f"(use the same --preset and --model-option as the checkpoint)")
-
-
-def initialise_from(path, model, prediction_type):
-    """--init: copy the UNet weights of a trained model folder into the freshly built `model`."""
-    pipe = load_pipeline(path)
-    check_compatible(pipe.unet.config, model, path)
-    if pipe.scheduler.config.prediction_type != prediction_type:
-        raise UserError(f"{path} predicts {pipe.scheduler.config.prediction_type}, but this run trains "
-                        f"{prediction_type} (pass --prediction-type {pipe.scheduler.config.prediction_type})")
-    model.load_state_dict(pipe.unet.state_dict())
-
-
-def load_checkpoint(path, model, ema, optimizer, lr_scheduler):
-    """Restore everything save_checkpoint wrote; returns (step, training seconds so far)."""
-    try:
-        unet_config = json.loads((path / "pipeline" / "unet" / "config.json").read_text())
-        check_compatible(unet_config, model, path)
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        state = json.loads((path / "state.json").read_text())
-        ema_weights = type(model).from_pretrained(path / "pipeline" / "unet")
-        ema.load_state_dict({**state["ema"], "shadow_params": [p.data for p in ema_weights.parameters()]})
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot resume from this checkpoint ({str(error).splitlines()[0][:160]})")
-    return state["step"], state.get("train_seconds", 0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def append_metrics(run_dir, record):
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(run_dir):
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # the half-written last line of a killed run
-    return records
-
-
-def truncate_metrics(run_dir, step):
-    """After a resume, drop what was logged past the checkpoint: those steps are trained again."""
-    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    with dataset.replacing(run_dir / "metrics.jsonl") as temp:
-        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def plot_curves(run_dir):
-    """curves.png: training loss, the conditioning meter and evaluator accuracy, where they were measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    losses = [r for r in records if "loss" in r]
-    share_keys = sorted({k for r in records for k in r if k.startswith(SHARE_PREFIX)},
-                        key=lambda k: int(k[len(SHARE_PREFIX):]))
-    accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc_")})
-    panels = 1 + bool(share_keys) + bool(accuracy_keys)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    axes = list(axes[0])
-    loss_axis = axes.pop(0)
-    loss_axis.plot([r["step"] for r in losses], [r["loss"] for r in losses])
-    loss_axis.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title="loss")
-    if share_keys:
-        share_axis = axes.pop(0)
-        for key in share_keys:
-            points = [r for r in records if key in r]
-            start = int(key[len(SHARE_PREFIX):])
-            share_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker=".",
-                            label=f"t {start}-{start + points[0]['meter_band'] - 1}")
-        share_axis.axhline(0, color="gray", lw=0.5)
-        share_axis.set(xlabel="training minutes", ylabel="share of the held-out loss the labels remove",
-                       title="conditioning meter")
-        share_axis.legend(fontsize=8)
-    if accuracy_keys:
-        accuracy_axis = axes.pop(0)
-        for key in accuracy_keys:
-            points = [r for r in records if key in r]
-            accuracy_axis.plot([r["train_minutes"] for r in points], [r[key] for r in points], marker="o",
-                               label=key[4:])
-        accuracy_axis.set(xlabel="training minutes", ylabel="evaluator accuracy", ylim=(0, 1), title="accuracy")
-        accuracy_axis.legend()
-    fig.tight_layout()
-    with dataset.replacing(run_dir / "curves.png") as temp:
-        fig.savefig(temp, dpi=90)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -435,58 +240,6 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
     return per_image.mean()
 
 
-SHARE_PREFIX = "meter_share_t"
-
-
-class ConditioningMeter:
-    """Are the labels used? On fixed images of held-out scenes, with fixed noise and fixed timesteps in each of
-    `bands` equal bands of t, the denoising loss with the all-zero label vector and with the true labels; per band,
-    the gap (no labels - true labels) as a fraction of the loss without labels: 0 for a model that ignores its
-    labels, 1 for one that needs nothing but them. The fraction, not the raw gap: epsilon-loss shrinks with the
-    signal-to-noise ratio, so at high noise, where which object to draw is decided, a raw gap would be scaled
-    away; the fraction means the same for epsilon and v. Fixed inputs make successive values comparable: what
-    changes between two measurements is the model alone."""
-
-    def __init__(self, data, noise_scheduler, size, bands=4, seed=0, batch_size=128):
-        x0 = to_sample_size(dataset.to_model_input(torch.from_numpy(data.images)), size)
-        labels = torch.from_numpy(data.labels)
-        generator = torch.Generator().manual_seed(seed)
-        steps = noise_scheduler.config.num_train_timesteps
-        self.band = steps // bands
-        t = torch.cat([torch.randint(b * self.band, (b + 1) * self.band, (len(x0),), generator=generator)
-                       for b in range(bands)])
-        noise = torch.randn((bands * len(x0), *x0.shape[1:]), generator=generator)
-        x0, self.labels = x0.repeat(bands, 1, 1, 1), labels.repeat(bands, 1)
-        self.noisy, self.t = noise_scheduler.add_noise(x0, noise, t), t
-        epsilon = noise_scheduler.config.prediction_type == "epsilon"
-        self.target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def per_sample_loss(self, model, labels, device):
-        losses = []
-        for start in range(0, len(self.t), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            prediction = model(self.noisy[part].to(device), self.t[part].to(device), labels[part].to(device))
-            losses.append(((prediction.float().cpu() - self.target[part]) ** 2).mean((1, 2, 3)))
-        return torch.cat(losses)
-
-    def __call__(self, model, device):
-        was_training = model.training
-        model.eval()
-        conditional = self.per_sample_loss(model, self.labels, device)
-        unconditional = self.per_sample_loss(model, torch.zeros_like(self.labels), device)
-        model.train(was_training)
-        band_of = self.t // self.band
-        record = {"meter_loss": conditional.mean().item(), "meter_band": self.band,
-                  "meter_share": ((unconditional - conditional).sum() / unconditional.sum()).item()}
-        for b in band_of.unique().tolist():
-            inside = band_of == b
-            share = (unconditional[inside] - conditional[inside]).sum() / unconditional[inside].sum()
-            record[f"{SHARE_PREFIX}{b * self.band}"] = share.item()
-        return record
-
-
 def optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, grad_clip):
     """Backward, gradient clipping, AdamW, LR schedule and EMA. Returns False, leaving the weights as they
     were, when the loss or the gradient is not finite on any process."""
@@ -526,7 +279,7 @@ def total_steps(args, num_images, world_size):
 
 
 def load_data(args):
-    return dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir), args.image_dir,
+    return dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir), args.image_dir,
                                      args.train_json, args.vocabulary, args.cache_dir)
 
 
@@ -538,33 +291,70 @@ def split_meter_scenes(data, args):
     return (data.subset(kept), data.subset(held)) if len(held) else (data, None)
 
 
-def check_object_counts(model, data):
+def check_object_counts(model):
     """An object-token model reads at most max_objects labels per image: more would be silently dropped."""
-    limit = getattr(model.config, "max_objects", None)
-    most = int(data.labels.sum(1).max())
+    limit, most = getattr(model.config, "max_objects", None), model.config.trained_objects
     if limit is not None and most > limit:
         raise UserError(f"some training images have {most} labels, but the model reads at most {limit} "
                         f"(add --model-option max_objects={most})")
 
 
+class TrainingBar:
+    """The training progress bar, whose total and remaining time follow whichever limit ends the run first: with
+    only a step limit it counts steps; with --max-minutes it counts wall-clock seconds (the step and images/s
+    beside them) up to the time limit, or up to when the steps at the pace so far will end, if sooner. `clock`
+    is time.monotonic, or a stand-in for tests."""
+
+    def __init__(self, start, steps, max_minutes=None, clock=time.monotonic, disable=False, **tqdm_options):
+        self.start, self.steps, self.clock, self.began = start, steps, clock, clock()
+        self.limit = None if max_minutes is None else max_minutes * 60
+        self.postfix = {}
+        if self.limit is None:
+            self.bar = tqdm(total=steps, initial=start, desc="training", unit="step", disable=disable, **tqdm_options)
+        else:
+            self.bar = tqdm(total=self.limit, desc="training", unit="s", disable=disable, **tqdm_options,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+
+    def update(self, step, **postfix):
+        self.postfix.update(postfix)
+        if self.limit is None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(self.postfix, refresh=False)
+            return
+        elapsed, done = self.clock() - self.began, step - self.start
+        by_steps = elapsed / done * (self.steps - self.start) if done else float("inf")
+        self.bar.total = min(self.limit, by_steps)
+        self.bar.n = min(elapsed, self.bar.total)
+        self.bar.set_postfix({"step": f"{step}/{self.steps}", **self.postfix})
+
+    def close(self, finished=True):
+        """`finished`: the run reached its limit (the bar shows 100%), rather than being interrupted."""
+        if finished and self.limit is not None:
+            self.bar.n = self.bar.total
+            self.bar.refresh()
+        self.bar.close()
+
+
 class Evaluation:
     """--eval-every: sample the condition sets with the EMA weights and score them with the evaluator."""
 
-    def __init__(self, args, data):
+    def __init__(self, args, data, precision="fp32"):
         import evaluate
         import sample
         from evaluator import evaluation_model
 
         self.evaluate = evaluate
         self.evaluator = evaluation_model(args.evaluator)
+        self.evaluator.check_label_order(data.vocabulary, "the training data")
         sources = args.eval_conditions or dataset.default_condition_files(data.data_dir)
         self.condition_sets = dict(evaluate.parse_condition_arg(text, data.vocabulary, data) for text in sources)
         self.args = args
         self.next_minutes = args.eval_every_minutes
         self.sample = sample
-        # what sample.py and evaluate.py use for the exported folders when no flag overrides it
+        # what sample.py and evaluate.py use for the exported folders when no flag overrides it; the UNet samples in
+        # the training precision where that is bf16
         self.sampling_settings = sample.sampling_settings(args.eval_sampler, args.eval_steps, args.eval_guidance,
-                                                          args.eval_guidance_max_t)
+                                                          args.eval_guidance_max_t, precision)
 
     def due(self, step, total, train_seconds):
         if self.args.eval_every_minutes and train_seconds / 60 >= self.next_minutes:
@@ -572,18 +362,23 @@ class Evaluation:
             return True
         return step == total or bool(self.args.eval_every and step % self.args.eval_every == 0)
 
-    def __call__(self, model, ema, noise_scheduler, accelerator):
+    def __call__(self, model, ema, noise_scheduler, upsampler=None):
+        """{"acc_NAME": accuracy, ...} from the pipeline the export will have (the run's upsampler, if any);
+        "eval_upsampling": "bicubic" where a model that denoises below its output size has none."""
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()
-        pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config, self.args.eval_sampler))
+        pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config, self.args.eval_sampler),
+                              upsampler=upsampler)
         pipe.set_progress_bar_config(disable=True)
-        with accelerator.autocast():  # the training precision (bf16 on a GPU) for sampling too
-            results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
-                                                      **self.sample.generation_options(self.sampling_settings))
+        results, _ = self.evaluate.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
+                                                  **self.sample.generation_options(self.sampling_settings))
         model.train()
         ema.restore(model.parameters())
-        return {f"acc_{name}": result["mean"] for name, result in results.items()}
+        scores = {f"acc_{name}": result["mean"] for name, result in results.items()}
+        if upsampler is None and model.denoising_size < model.config.image_size:
+            scores["eval_upsampling"] = "bicubic"
+        return scores
 
 
 def main(argv=None):
@@ -593,7 +388,7 @@ def main(argv=None):
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed)
     run_dir = Path(args.out)
-    lock = lock_run_dir(run_dir) if accelerator.is_main_process else None
+    lock = checkpoints.lock_run_dir(run_dir) if accelerator.is_main_process else None
     try:
         with StopRequest() as stop:
             return train(args, accelerator, run_dir, stop)
@@ -605,26 +400,34 @@ def main(argv=None):
 def train(args, accelerator, run_dir, stop):
     is_main, device = accelerator.is_main_process, accelerator.device
     if is_main:
-        remove_partial_writes(run_dir)
-    if args.resume is None and checkpoint_dirs(run_dir):
+        checkpoints.remove_partial_writes(run_dir)
+    if args.resume is None and checkpoints.checkpoint_dirs(run_dir):
         raise UserError(f"{run_dir} already has checkpoints: add --resume latest to continue, or pick another --out")
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
-    evaluation = Evaluation(args, data) if (args.eval_every or args.eval_every_minutes) and is_main else None
+    precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
+    evaluation = Evaluation(args, data, precision) if (args.eval_every or args.eval_every_minutes) and is_main else None
     sampling = evaluation.sampling_settings if evaluation else None
     images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device)
 
     torch.manual_seed(args.seed)
-    model = build_model(args.preset, data.vocabulary.names, **args.model_options)
-    check_object_counts(model, data)
+    # the largest training scene: larger requests are drawn by composition (model.ICLEVRPipeline)
+    trained_objects = int(data.labels.sum(1).max())
+    model = build_model(args.preset, data.vocabulary.names, **{"trained_objects": trained_objects,
+                                                               **args.model_options})
+    check_object_counts(model)
     size = model.denoising_size
     noise_scheduler = training_scheduler(args.beta_schedule, args.timesteps, args.prediction_type)
-    meter = ConditioningMeter(meter_data, noise_scheduler, size) if meter_data is not None and is_main else None
-    checkpoint = find_checkpoint(run_dir, args.resume) if args.resume else None
+    meter = metrics.ConditioningMeter(meter_data, noise_scheduler, size) if meter_data is not None and is_main else None
+    with accelerator.main_process_first():  # the main process sets damaged checkpoints aside before others look
+        checkpoint = checkpoints.find_checkpoint(run_dir, args.resume, is_main) if args.resume else None
+    upsampler = checkpoints.checkpoint_upsampler(checkpoint) if checkpoint else None
     if args.init and not checkpoint:
-        initialise_from(args.init, model, args.prediction_type)  # before the EMA copies the weights
+        upsampler = checkpoints.initialise_from(args.init, model, args.prediction_type)  # before the EMA copies
+    if upsampler is not None:
+        upsampler.to(device)
         if is_main:
             print(f"initialised from {args.init}", file=sys.stderr)
     steps = total_steps(args, len(data), accelerator.num_processes)
@@ -633,13 +436,13 @@ def train(args, accelerator, run_dir, stop):
     ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     start, train_seconds = 0, 0.0
     if checkpoint:
-        start, train_seconds = load_checkpoint(checkpoint, model, ema, optimizer, lr_scheduler)
+        start, train_seconds = checkpoints.load_checkpoint(checkpoint, model, ema, optimizer, lr_scheduler)
         if is_main:
             print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
     elif args.resume and is_main:
         print(f"no checkpoint in {run_dir} yet: starting from step 0", file=sys.stderr)
     if is_main:
-        truncate_metrics(run_dir, start)  # steps logged after the checkpoint are trained (and logged) again
+        metrics.truncate_metrics(run_dir, start)  # steps logged after the checkpoint are trained (and logged) again
     ema.to(device)
     model, optimizer = accelerator.prepare(prepare_model(model, args.compile), optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # what save_pretrained needs
@@ -649,12 +452,13 @@ def train(args, accelerator, run_dir, stop):
                                                          "training_images": len(data), "images_per_step":
                                                          args.batch_size * accelerator.num_processes}, indent=1))
     if meter and start == 0:
-        append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
+        metrics.append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
 
     started = time.monotonic()
     bad_steps, images_since_log, seconds_since_log = 0, 0, 0.0
     step = start
-    with tqdm(total=steps, initial=start, desc="training", unit="step", disable=not is_main) as progress:
+    progress = TrainingBar(start, steps, args.max_minutes, disable=not is_main)
+    try:
         while step < steps:
             tick = time.monotonic()
             generator = step_generator(args.seed, step, accelerator.process_index, device)
@@ -665,12 +469,12 @@ def train(args, accelerator, run_dir, stop):
             if not optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip):
                 bad_steps += 1
                 if bad_steps > args.max_bad_steps:
-                    last = checkpoint_dirs(run_dir)
+                    last = checkpoints.checkpoint_dirs(run_dir)
                     where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise NonFiniteLoss(f"non-finite loss ({loss.item()}) in step {step + 1}; "
                                         f"stopped without saving: {where}")
                 step += 1  # skip this batch: the weights stay as they were
-                progress.update(1)
+                progress.update(step)
                 continue
             step += 1
             loss_value = loss.item()  # waits for the step to finish, so the timing below is true on a GPU too
@@ -678,7 +482,6 @@ def train(args, accelerator, run_dir, stop):
             train_seconds += elapsed
             seconds_since_log += elapsed
             images_since_log += len(x0) * accelerator.num_processes
-            progress.update(1)
 
             out_of_time = args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60
             stop_flag = torch.tensor([stop.signal is not None or out_of_time], device=device)
@@ -686,28 +489,35 @@ def train(args, accelerator, run_dir, stop):
             if is_main and step % args.log_every == 0:
                 record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "train_minutes":
                           train_seconds / 60, "images_per_s": images_since_log / seconds_since_log}
-                append_metrics(run_dir, record)
-                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                metrics.append_metrics(run_dir, record)
+                progress.postfix.update(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0
             if meter and step % args.meter_every == 0:
-                append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **meter(raw_model, device)})
+                metrics.append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60,
+                                                 **meter(raw_model, device)})
             if evaluation and (evaluation.due(step, steps, train_seconds) or out_of_time):  # the last model too
-                scores = evaluation(raw_model, ema, noise_scheduler, accelerator)
-                append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
-                progress.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()))
+                scores = evaluation(raw_model, ema, noise_scheduler, upsampler)
+                metrics.append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
+                progress.bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()
+                                                                if k.startswith("acc_")))
             if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):
-                save_checkpoint(run_dir, step, train_seconds, raw_model, ema, optimizer, lr_scheduler,
-                                noise_scheduler, args.keep, sampling)
-                plot_curves(run_dir)
+                checkpoints.save_checkpoint(run_dir, step, train_seconds, raw_model, ema, optimizer, lr_scheduler,
+                                noise_scheduler, args.keep, sampling, upsampler)
+                metrics.plot_curves(run_dir)
+            progress.update(step)
             if stop_now:
                 break
+    except BaseException:
+        progress.close(finished=False)
+        raise
+    progress.close(finished=stop.signal is None)
     accelerator.wait_for_everyone()
     if stop.signal is not None:
         print(f"interrupted by {stop.signal.name} at step {step}: checkpoint saved in {run_dir}/checkpoints; "
               f"continue with --resume latest", file=sys.stderr)
         return EXIT_INTERRUPTED[stop.signal]
     if is_main:
-        export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model", sampling)
+        checkpoints.export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model", sampling, upsampler)
         print(f"{'stopped after --max-minutes' if step < steps else 'done'} at step {step}: "
               f"model exported to {run_dir / 'model'}", file=sys.stderr)
     return 0

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import dataset
-from dataset import UserError, run_cli
+import synthetic
+from cli import UserError, make_output_dir, publish_dir, run_cli
 from model import ICLEVRPipeline, Upsampler, find_model_dir, load_pipeline, to_image_size, to_sample_size
 
 
@@ -118,7 +119,7 @@ def write_folder(source, destination, pipe, upsampler):
         shutil.copytree(source, temp, ignore=shutil.ignore_patterns("upsampler"))
         upsampler.save_pretrained(temp / "upsampler")
         ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=upsampler).save_config(temp)
-        dataset.publish_dir(temp, destination)
+        publish_dir(temp, destination, manifest=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -135,12 +136,12 @@ def main(argv=None):
     source = find_model_dir(args.model)
     destination = Path(args.out) if args.out else source
     pipe = load_pipeline(source)
-    data = dataset.load_training_set(dataset.resolve_data_dir(args.data_dir, args.cache_dir),
+    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir),
                                      cache_dir=args.cache_dir)
     scale = check_model(pipe, data)
     size = pipe.unet.denoising_size
     kept, held = dataset.split_off_scenes(data.filenames, min(args.held_out_images, len(data) // 10), args.seed)
-    dataset.make_output_dir(destination.parent)
+    make_output_dir(destination.parent)
 
     torch.manual_seed(args.seed)
     upsampler = Upsampler(scale=scale, width=args.width, depth=args.depth)

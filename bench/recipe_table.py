@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import read_metrics  # noqa: E402  (skips the half-written last line of a killed run)
+from metrics import read_metrics  # noqa: E402  (skips the half-written last line of a killed run)
 
 
 def at_budget(records, key, budget, axis="train_minutes"):

@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
-from dataset import run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
 from evaluate import score  # noqa: E402
-from model import count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
+from model import PRECISIONS, count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
 from sample import describe_guidance, generate, pick_device  # noqa: E402
 
 DEFAULT_CONFIGS = ["ddim:10", "ddim:25", "ddim:50", "dpm++:10", "dpm++:25", "ddpm:1000"]
@@ -33,6 +33,8 @@ def main():
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="sampler:steps pairs")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
     p.add_argument("--guidance-max-t", type=int, help="guide only timesteps below this (default: every step)")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS,
+                   help="the UNet's arithmetic while sampling, each measured in turn (bf16: autocast)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto", help="cpu or cuda")
@@ -51,22 +53,23 @@ def main():
     print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, "
           f"{describe_guidance(args.guidance_scale, args.guidance_max_t)}, device {pipe.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'sampler':<8s} {'steps':>6s} {'seconds':>8s} {'accuracy':>9s}")
-    for config in args.configs:
+    print(f"{'sampler':<8s} {'steps':>6s} {'precision':>9s} {'seconds':>8s} {'accuracy':>9s}")
+    for config, precision in [(c, p) for c in args.configs for p in args.precisions]:
         sampler, steps = config.split(":")
         steps = int(steps)
         if sampler == "ddpm" and steps >= 1000 and params > args.ddpm_max_params:
-            print(f"{sampler:<8s} {steps:>6d} {'skipped':>8s}")
+            print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {'skipped':>8s}")
             continue
         pipe.scheduler = sampling_scheduler(train_config, sampler)
-        generate(pipe, labels[:1], args.seed, 1, args.guidance_scale)  # warm-up
+        generate(pipe, labels[:1], args.seed, 1, args.guidance_scale, precision=precision)  # warm-up
         times, images = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            images = generate(pipe, labels, args.seed, steps, args.guidance_scale, guidance_max_t=args.guidance_max_t)
+            images = generate(pipe, labels, args.seed, steps, args.guidance_scale, guidance_max_t=args.guidance_max_t,
+                              precision=precision)
             times.append(time.perf_counter() - start)
         accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
-        print(f"{sampler:<8s} {steps:>6d} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)
+        print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)
     return 0
 
 

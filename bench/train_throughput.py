@@ -1,12 +1,14 @@
-"""Training throughput per preset: train.py's step against a plain baseline, measured in the same run.
+"""Training throughput per preset: train.py's step against a plain baseline, in fp32 and bf16, in the same run.
 
     python bench/train_throughput.py                       # tiny, small, cpu and tokens on this machine
     python bench/train_throughput.py --presets small --batch-size 64 --compile
 
 "ours" is exactly what train.py runs per step (batch from the preloaded uint8 tensor, random mirror, label
-dropout, loss, backward, gradient clipping, AdamW, LR schedule, EMA), with train.py's speed options.
+dropout, loss, backward, gradient clipping, AdamW, LR schedule, EMA), with train.py's speed options, in fp32;
+"ours bf16" the same step under bf16 autocast (train.py --mixed-precision bf16), measured alternately with it.
 "plain" is the textbook step on the same UNet and batch: add_noise + MSE + AdamW in fp32, nothing else.
-Both start from the same weights; their first losses on the same batch and noise are compared.
+All start from the same weights; the first losses of "ours" and "plain" on the same batch and noise are compared.
+The first line says whether this CPU has AMX-BF16, without which bf16 is emulated and slower than fp32.
 """
 import argparse
 import copy
@@ -24,8 +26,9 @@ from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
+from cli import replacing  # noqa: E402
 import train  # noqa: E402
-from model import build_model, count_parameters, to_sample_size, training_scheduler  # noqa: E402
+from model import build_model, count_parameters, fast_bf16, to_sample_size, training_scheduler  # noqa: E402
 
 
 def plain_step(model, optimizer, scheduler, x0, labels, generator):
@@ -52,7 +55,7 @@ def timed(step, warmup, repeats, steps_per_repeat, batch):
 
 def measure(preset, args, names, images_uint8, labels):
     torch.manual_seed(0)
-    reference = build_model(preset, names)
+    reference = build_model(preset, names, **args.model_options)
     scheduler = training_scheduler()
     accelerator = Accelerator(cpu=True)
 
@@ -86,8 +89,15 @@ def measure(preset, args, names, images_uint8, labels):
         train.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
         state["step"] += 1
 
-    ours = timed(our_step, args.warmup, args.repeats, args.steps, args.batch_size)
-    return count_parameters(reference), plain, ours, mismatch
+    def our_bf16_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            our_step()
+
+    ours, ours_bf16 = [], []
+    for _ in range(args.repeats):  # alternating, so that a change of machine speed hits both alike
+        ours.append(timed(our_step, args.warmup, 1, args.steps, args.batch_size))
+        ours_bf16.append(timed(our_bf16_step, args.warmup, 1, args.steps, args.batch_size))
+    return count_parameters(reference), plain, statistics.median(ours), statistics.median(ours_bf16), mismatch
 
 
 def plain_step_loss(model, scheduler, x0, labels, generator):
@@ -103,27 +113,32 @@ def main():
     p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu", "tokens"], help="presets to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each (the median is reported)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field of every preset, as train.py's --model-option (e.g. "
+                        "block_out_channels=[64,128,256])")
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--compile", action="store_true", help="train.py --compile for 'ours'")
     p.add_argument("--json", help="also write the unrounded numbers of every row to this file")
     args = p.parse_args()
+    args.model_options = dict(train.parse_model_option(p, text) for text in args.model_option)
     names = dataset.Vocabulary.load(dataset.DEFAULT_VOCABULARY).names
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(256, args.batch_size), 64, 64, 3), dtype=torch.uint8, generator=generator)
     labels = (torch.rand(len(images), 24, generator=generator) < 0.08).float()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"compile {'on' if args.compile else 'off'}")
-    print(f"{'preset':<8s} {'params':>8s} {'plain img/s':>12s} {'ours img/s':>11s} {'ratio':>6s} {'loss diff':>10s}")
+          f"compile {'on' if args.compile else 'off'}, AMX-BF16 {'yes' if fast_bf16('cpu') else 'no'}")
+    print(f"{'preset':<11s} {'params':>8s} {'plain img/s':>12s} {'ours img/s':>11s} {'ratio':>6s} {'loss diff':>10s} "
+          f"{'ours bf16':>10s} {'bf16 gain':>10s}")
     rows = []
     for preset in args.presets:
-        params, plain, ours, mismatch = measure(preset, args, names, images, labels)
+        params, plain, ours, ours_bf16, mismatch = measure(preset, args, names, images, labels)
         rows.append(dict(preset=preset, parameters=params, plain=plain, ours=ours, ratio=ours / plain,
-                         loss_diff=mismatch))
-        print(f"{preset:<8s} {params / 1e6:>7.2f}M {plain:>12.1f} {ours:>11.1f} {ours / plain:>6.2f} {mismatch:>10.1e}",
-              flush=True)
+                         loss_diff=mismatch, ours_bf16=ours_bf16, bf16_gain=ours_bf16 / ours))
+        print(f"{preset:<11s} {params / 1e6:>7.2f}M {plain:>12.1f} {ours:>11.1f} {ours / plain:>6.2f} "
+              f"{mismatch:>10.1e} {ours_bf16:>10.1f} {ours_bf16 / ours:>10.2f}", flush=True)
     if args.json:
-        with dataset.replacing(args.json) as temp:
+        with replacing(args.json) as temp:
             temp.write_text(json.dumps(rows, indent=1))
 
 

@@ -28,14 +28,14 @@ def run_main(script, *args):
     import importlib
     import io
 
-    import dataset
+    from cli import run_cli
 
     module = importlib.import_module(Path(script).stem)
     out, err = io.StringIO(), io.StringIO()
     code = None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            dataset.run_cli(lambda: module.main([str(a) for a in args]))
+            run_cli(lambda: module.main([str(a) for a in args]))
         except SystemExit as exit:
             code = exit.code
     return code, out.getvalue(), err.getvalue()

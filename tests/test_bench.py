@@ -10,13 +10,16 @@ def test_train_throughput_compares_against_the_plain_step_with_the_same_numbers(
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["preset"] for r in rows] == ["tiny", "tiny-tokens"]
+    assert re.search(r"AMX-BF16 (yes|no)$", result.stdout.splitlines()[0])
     for r in rows:
         # the table shows what the file holds, rounded; the ratio is computed from the unrounded numbers
-        printed = re.search(rf"^{r['preset']}\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.e+-]+)$",
-                            result.stdout, re.M)
+        printed = re.search(rf"^{r['preset']}\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.e+-]+)"
+                            rf"\s+([\d.]+)\s+([\d.]+)$", result.stdout, re.M)
         assert printed, result.stdout
         assert printed.groups()[1:4] == (f"{r['plain']:.1f}", f"{r['ours']:.1f}", f"{r['ratio']:.2f}")
+        assert printed.groups()[5:] == (f"{r['ours_bf16']:.1f}", f"{r['bf16_gain']:.2f}")
         assert r["plain"] > 0 and r["ours"] > 0 and r["ratio"] == r["ours"] / r["plain"]
+        assert r["ours_bf16"] > 0 and r["bf16_gain"] == r["ours_bf16"] / r["ours"]
         assert r["loss_diff"] < 1e-5  # our step computes the same loss as the textbook one on the same batch and noise
 
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import UserError
+from cli import UserError
 
 
 def test_project_vocabulary_is_the_course_order(vocabulary):

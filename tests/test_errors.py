@@ -208,8 +208,11 @@ def test_bad_sampling_settings_file(tiny_tokens_model, earlier_samples, tmp_path
     before = snapshot(earlier_samples)
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: expected {{"sampler": name, "steps": '
-                                         f'integer, "guidance_scale": number, "guidance_max_t": integer}} '
-                                         f'(each optional)')
+                                         f'integer, "guidance_scale": number, "guidance_max_t": integer, '
+                                         f'"precision": "fp32" or "bf16"}} (each optional)')
+    (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "precision": "fp16"}')
+    code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
+    assert (code, last_line(err)) == (2, "error: unknown precision 'fp16' (choose from fp32, bf16)")
     (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_scale": 50}')
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, "error: --guidance-scale must be between 0 and 20 (got 50; 1 means no "

@@ -6,7 +6,7 @@ import torch
 
 import evaluator
 from conftest import run_script
-from dataset import UserError
+from cli import UserError
 
 
 def scores_with(top, size=24, low=0.1):
@@ -76,6 +76,42 @@ def test_loads_a_course_format_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.predict(images), net.eval()(images))
     assert model.features(images).shape == (4, 512)
+
+
+def test_scores_are_float32_even_inside_bf16_autocast(tmp_path):
+    """In bf16 every sigmoid of a logit above ~7 is exactly 1.0 and top-k would fall back to label order: the
+    evaluator scores in fp32 whatever context it is called from, so confident labels never tie."""
+    net = evaluator.resnet18_classifier()
+    with torch.no_grad():  # confident logits from 7 to 14, as a trained evaluator gives on clean images
+        net.fc[0].weight.zero_()
+        net.fc[0].bias.copy_(torch.linspace(7, 14, 24)[torch.randperm(24, generator=torch.Generator().manual_seed(0))])
+    torch.save({"model": net.state_dict()}, tmp_path / "checkpoint.pth")
+    model = evaluator.evaluation_model(tmp_path / "checkpoint.pth", device="cpu")
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = model.predict(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = model.predict(images)
+        bf16 = net.eval()(images)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    top = plain.topk(3, dim=1).values
+    assert (top[:, 0] > top[:, 1]).all() and (top[:, 1] > top[:, 2]).all()  # no ties decide the top 3
+    assert (bf16 == 1.0).sum() > (plain == 1.0).sum()  # what bf16 would have done: many exact 1.0 scores
+
+
+def test_an_evaluator_with_another_label_order_is_refused(tmp_path, vocabulary):
+    net = evaluator.resnet18_classifier()
+    swapped = [vocabulary.names[1], vocabulary.names[0], *vocabulary.names[2:]]
+    torch.save({"model": net.state_dict(), "label_names": swapped}, tmp_path / "checkpoint.pth")
+    model = evaluator.evaluation_model(tmp_path / "checkpoint.pth", device="cpu")
+    with pytest.raises(UserError) as error:
+        model.check_label_order(vocabulary, "the model")
+    assert str(error.value) == (f"{tmp_path / 'checkpoint.pth'} orders its labels differently from the model "
+                                f"(label 0: 'red cube' there, 'gray cube' here): use an evaluator trained with the "
+                                f"same objects.json")
+    torch.save({"model": net.state_dict(), "label_names": vocabulary.names}, tmp_path / "same.pth")
+    evaluator.evaluation_model(tmp_path / "same.pth", device="cpu").check_label_order(vocabulary, "the model")
+    model.label_names = None  # the course's checkpoint names no order: nothing to check
+    model.check_label_order(vocabulary, "the model")
 
 
 def test_bad_evaluator_checkpoints(tmp_path):

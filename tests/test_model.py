@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import model as model_lib
-from dataset import UserError
+from cli import UserError
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def test_every_sampler_and_schedule_stays_finite_and_near_the_data(trained_tiny,
     name, net, scheduler, x0, labels, _ = trained_tiny
     pipe = model_lib.ICLEVRPipeline(unet=net, scheduler=model_lib.sampling_scheduler(scheduler.config, sampler))
     pipe.set_progress_bar_config(disable=True)
-    final = {}
-    images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
-                  callback=lambda i, t, x: final.update(x=x)).images
+    final, to_image = {}, pipe.to_image
+    pipe.to_image = lambda sample: to_image(final.setdefault("x", sample))  # the last sample, before the clamp
+    images = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
     raw = final["x"]
     assert torch.isfinite(raw).all() and raw.abs().max() < 1.05, f"{sampler}/{name} diverged"
     assert images.shape[-1] == 64 and raw.shape[-1] == net.denoising_size
@@ -86,6 +86,26 @@ def test_every_sampler_and_schedule_stays_finite_and_near_the_data(trained_tiny,
         # contrast 3.2x the data's after 150 steps, 2.1x after 1200, DDIM 0.6x); docs/RESULTS.md compares
         # samplers by evaluator accuracy on real models instead. Measured over seeds 0-4: ddpm 2.0-2.05x.
         assert images.std() < 3 * x0.std(), f"{sampler}/{name}: contrast of noise, not of scenes"
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", model_lib.SAMPLERS)
+def test_every_sampler_starts_from_pure_noise_with_the_documented_settings(sampler, schedule):
+    """Trailing spacing: the first step is the last training timestep (diffusers' default "leading" starts 20
+    steps at t = 950); DPM-Solver++ on the cosine schedule clips lambda at -5.1 as diffusers documents, which
+    moves its first step below the timesteps whose lambda is under that."""
+    train = model_lib.training_scheduler(schedule, prediction_type="v_prediction")
+    scheduler = model_lib.sampling_scheduler(train.config, sampler)
+    scheduler.set_timesteps(20)
+    assert scheduler.config.timestep_spacing == "trailing" and len(scheduler.timesteps) == 20
+    if sampler == "dpm++" and schedule == "cosine":
+        assert scheduler.config.lambda_min_clipped == -5.1
+        alphas = train.alphas_cumprod
+        lambdas = 0.5 * torch.log(alphas / (1 - alphas))
+        assert lambdas[scheduler.timesteps[0]] >= -5.1 > lambdas[-1]
+    else:
+        assert scheduler.timesteps[0] == 999
+    assert (scheduler.timesteps[:-1] > scheduler.timesteps[1:]).all()
 
 
 def test_guidance(trained_tiny):
@@ -173,7 +193,7 @@ def test_token_model_denoises_at_32_and_outputs_64(tiny_tokens):
     pipe.set_progress_bar_config(disable=True)
     seen = []
     images = pipe([["red sphere", "cyan cube"]], num_inference_steps=2, output_type="pt",
-                  callback=lambda i, t, x: seen.append(x.shape)).images
+                  callback=lambda i, t, x, x0: seen.append(x.shape)).images
     assert seen == [(1, 3, 32, 32)] * 2 and images.shape == (1, 3, 64, 64)
     assert images.min() >= -1 and images.max() <= 1
     with pytest.raises(UserError, match="condition 0: 5 labels, but this model draws at most 4 objects"):

@@ -34,8 +34,39 @@ def test_sample_writes_grid_images_conditions_and_process(samples, synthetic_dat
         assert (record["sampler"], record["steps"], record["guidance_scale"], record["seed"]) == ("ddim", 4, 1.0, 3)
         assert len(read_images(folder)) == 32 and read_images(folder).shape[1:] == (64, 64, 3)
         assert Image.open(folder / "grid.png").size == (8 * 66 + 2, 4 * 66 + 2)  # 8 per row, 2-pixel padding
-    assert Image.open(samples / "process.png").size == (4 * 66 + 2, 66 + 2)  # min(10, steps) frames
+    # two rows of min(10, steps + 1) columns: the 4 steps and the final image, 0.95 inch each at 100 dpi
+    assert Image.open(samples / "process.png").size == (round((0.95 * 5 + 0.9) * 100), 255)
     assert not list(samples.glob(".tmp-*"))
+
+
+def test_process_columns_follow_the_image_from_noise_to_the_final_one(tiny_run):
+    import sample as sample_lib
+    from model import load_pipeline, sampling_scheduler
+
+    pipe = load_pipeline(tiny_run / "model")
+    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    labels = ["red sphere", "cyan cube"]
+    every = sample_lib.process_columns(pipe, labels, 0, steps=12, frames=20)  # more frames than steps: all
+    titles = [title for title, _, _ in every]
+    assert titles == [f"t={int(t)}" for t in pipe.scheduler.timesteps] + ["final"] and titles[0] == "t=999"
+    assert all(top.shape == (64, 64, 3) and 0 <= top.min() and top.max() <= 1 for _, top, _ in every)
+    assert all(bottom.shape == (64, 64, 3) for _, _, bottom in every[:-1]) and every[-1][2] is None
+    chosen = sample_lib.process_columns(pipe, labels, 0, steps=12, frames=6)
+    assert len(chosen) == 6 and chosen[0][0] == "t=999" and chosen[-1][0] == "final"
+    assert {title for title, _, _ in chosen} <= set(titles)
+    generated = sample_lib.generate(pipe, [labels], 0, 12)[0]
+    assert np.array_equal((chosen[-1][1] * 255).round().astype(np.uint8), generated)  # the final image itself
+
+
+def test_process_frames_are_placed_where_the_picture_changes():
+    from sample import process_frames
+
+    # a picture that stays put for 8 steps, then moves in 4: the frames go where it moves
+    values = [0.0] * 8 + [0.25, 0.5, 0.75, 1.0]
+    pictures = [torch.full((2, 2, 3), v) for v in values]
+    assert process_frames(pictures, pictures, 5) == [0, 8, 9, 10, 11]
+    assert process_frames(pictures, pictures, 30) == list(range(12))
 
 
 def test_same_seed_same_images(samples, tiny_run, synthetic_data, tmp_path):
@@ -131,3 +162,25 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
     assert settings("--sampler", "dpm++", "--steps", 2, "--guidance-max-t", 1000) == ("dpm++", 2, 2.0, 1000)
     assert settings("--sampler", "dpm++", "--seed", 1) == ("dpm++", 25, 2.0, 500)  # not the folder's 3 ddim steps
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_bf16_sampling_is_close_to_fp32_and_stored_with_an_export(tiny_run, tmp_path):
+    import sample as sample_lib
+    from model import fast_bf16
+
+    pipe, settings = sample_lib.prepare_pipeline(tiny_run / "model", "ddim", 4, 1.0, precision="bf16")
+    if not fast_bf16("cpu"):
+        assert settings["sampler"] == "ddim" and "precision" not in settings  # fp32 where bf16 would be emulated
+        return
+    assert settings["precision"] == "bf16"
+    options = sample_lib.generation_options(settings)
+    bf16 = sample_lib.generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], 0, **options)
+    fp32 = sample_lib.generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], 0,
+                               **{**options, "precision": "fp32"})
+    assert not np.array_equal(bf16, fp32)  # bf16 arithmetic was used
+    assert np.abs(bf16.astype(float) - fp32.astype(float)).mean() < 8  # out of 255: the same pictures
+    exported = run_script("export.py", tiny_run / "model", tmp_path / "exported", "--precision", "bf16")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "exported" / "sampling.json").read_text())["precision"] == "bf16"
+    assert sample_lib.prepare_pipeline(tmp_path / "exported")[1]["precision"] == "bf16"
+    assert "precision" not in sample_lib.prepare_pipeline(tmp_path / "exported", precision="fp32")[1]

@@ -7,7 +7,7 @@ from PIL import Image
 
 import synthetic
 from conftest import last_line, run_main
-from dataset import UserError
+from cli import UserError
 
 
 def read(folder, name):

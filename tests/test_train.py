@@ -164,7 +164,7 @@ def meter_for(synthetic_data, size=64):
     """A meter on 12 synthetic images."""
     import dataset
     from model import training_scheduler
-    from train import ConditioningMeter
+    from metrics import ConditioningMeter
 
     data = dataset.load_training_set(synthetic_data)
     held = data.subset(range(12))
@@ -191,7 +191,7 @@ def test_meter_is_the_share_of_the_loss_the_labels_remove(synthetic_data, predic
 
     import dataset
     from model import training_scheduler
-    from train import ConditioningMeter
+    from metrics import ConditioningMeter
 
     data = dataset.load_training_set(synthetic_data)
     meter = ConditioningMeter(data.subset(range(12)), training_scheduler(prediction_type=prediction_type), 32,
@@ -250,3 +250,80 @@ def test_timestep_power_favours_high_noise(power):
     assert abs((t.float() + 0.5).mean().item() / 1000 - power / (power + 1)) < 0.005
     if power == 1.0:
         assert torch.equal(t, torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_evaluation_during_training_uses_the_upsampler_the_export_will_have(synthetic_data, tmp_path):
+    """A run started with --init from a folder with a learned upsampler evaluates and exports with it (also after
+    a resume without --init); a 32x32 run without one marks its accuracy records as bicubic."""
+    import evaluator
+    from model import ICLEVRPipeline, Upsampler, load_pipeline
+
+    torch.save({"model": evaluator.resnet18_classifier().state_dict()}, tmp_path / "evaluator.pth")
+    tokens = ["--preset", "tiny-tokens", "--evaluator", tmp_path / "evaluator.pth", "--eval-every", 2,
+              "--eval-conditions", "random:4", "--eval-steps", 2, "--meter-every", 0]
+    plain = train(synthetic_data, tmp_path / "plain", "--max-steps", 2, *tokens)
+    assert plain.returncode == 0, plain.stderr
+    pipe = load_pipeline(tmp_path / "plain" / "model")
+    upsampler = Upsampler()
+    with torch.no_grad():
+        upsampler.correction[-1].weight.normal_(0, 0.01)  # no longer plain bicubic
+    ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=upsampler).save_pretrained(tmp_path / "init")
+
+    run = tmp_path / "init-run"
+    started = train(synthetic_data, run, "--max-steps", 2, "--init", tmp_path / "init", *tokens)
+    assert started.returncode == 0, started.stderr
+    resumed = train(synthetic_data, run, "--max-steps", 4, "--resume", "latest", *tokens)
+    assert resumed.returncode == 0, resumed.stderr
+
+    evaluated = [r for r in records(run) if "acc_random-4" in r]
+    assert [r["step"] for r in evaluated] == [2, 4] and not any("eval_upsampling" in r for r in evaluated)
+    bicubic = [r for r in records(tmp_path / "plain") if "acc_random-4" in r]
+    assert bicubic and all(r["eval_upsampling"] == "bicubic" for r in bicubic)
+    exported = load_pipeline(run / "model").upsampler
+    assert exported is not None
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), upsampler.state_dict().values()))
+    assert load_pipeline(tmp_path / "plain" / "model").upsampler is None
+
+
+def test_the_training_bar_follows_whichever_limit_ends_the_run_first():
+    """Under --max-minutes the bar counts wall-clock seconds up to the time limit (a 7-minute run on a slow
+    machine no longer shows hours left), or up to where the step limit will end at the pace so far, if sooner."""
+    import io
+
+    from train import TrainingBar
+
+    now = [100.0]
+    slow = TrainingBar(0, 18400, max_minutes=7, clock=lambda: now[0], file=io.StringIO())
+    now[0] += 216
+    slow.update(306, loss="0.0500")
+    assert slow.bar.total == 420 and slow.bar.n == 216
+    assert "step=306/18400" in str(slow.bar) and "loss=0.0500" in str(slow.bar)
+    now[0] += 205
+    slow.update(600)
+    slow.close()
+    assert slow.bar.n == slow.bar.total == 420  # 100% when the time limit stopped the run
+
+    fast = TrainingBar(50, 150, max_minutes=7, clock=lambda: now[0], file=io.StringIO())
+    now[0] += 10
+    fast.update(60)  # 10 steps in 10 s: the 100 steps end after 100 s, before the 420-s limit
+    assert fast.bar.total == 100 and fast.bar.n == 10
+
+    steps = TrainingBar(5, 20, file=io.StringIO())  # no time limit: steps, as before
+    steps.update(12)
+    assert steps.bar.total == 20 and steps.bar.n == 12
+    interrupted = TrainingBar(0, 100, max_minutes=1, clock=lambda: now[0], file=io.StringIO())
+    now[0] += 6
+    interrupted.update(3)
+    interrupted.close(finished=False)
+    assert interrupted.bar.n == 6  # a run stopped by a signal does not claim 100%
+
+
+def test_bf16_training_on_a_cpu_gives_finite_losses_and_a_loadable_model(synthetic_data, tmp_path):
+    from model import load_pipeline
+
+    result = train(synthetic_data, tmp_path / "bf16", "--max-steps", 3, "--mixed-precision", "bf16",
+                   "--meter-every", 0)
+    assert result.returncode == 0, result.stderr
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(tmp_path / "bf16").values())
+    pipe = load_pipeline(tmp_path / "bf16" / "model")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in pipe.unet.parameters())

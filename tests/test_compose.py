@@ -1,0 +1,99 @@
+"""More objects than training showed: requests above the model's largest training scene are drawn by composing
+their sub-requests; requests within it are sampled jointly, exactly as before."""
+import numpy as np
+import pytest
+import torch
+
+import model as model_lib
+from conftest import last_line, run_main
+
+FOUR = ["red sphere", "cyan cube", "gray cylinder", "yellow cube"]
+FIVE = ["red sphere", "cyan cube", "gray cylinder", "yellow cube", "blue sphere"]
+WITHIN = [["red sphere"], ["cyan cube", "blue cylinder"], ["gray cube", "green sphere", "purple cylinder"]]
+
+
+@pytest.fixture(scope="module")
+def composing_pipe(vocabulary):
+    """An (untrained) tiny object-token model that was 'trained' on scenes of at most 3 objects."""
+    torch.manual_seed(0)
+    unet = model_lib.build_model("tiny-tokens", vocabulary.names, trained_objects=3)
+    pipe = model_lib.ICLEVRPipeline(unet=unet, scheduler=model_lib.sampling_scheduler(
+        model_lib.training_scheduler(prediction_type="v_prediction").config, "ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw(pipe, conditions, seed=0, **options):
+    return pipe(conditions, num_inference_steps=3, guidance_scale=3.0, guidance_max_t=500, output_type="np",
+                generator=torch.Generator().manual_seed(seed), **options).images
+
+
+def test_sub_requests_are_the_subsets_of_the_trained_size(vocabulary):
+    labels = vocabulary.encode_all([FOUR, WITHIN[1]])
+    rows, owner = model_lib.ICLEVRPipeline.sub_requests(labels, 3)
+    assert owner.tolist() == [0, 0, 0, 0, 1]
+    assert rows.sum(1).tolist() == [3, 3, 3, 3, 2]
+    assert torch.equal(rows[:4].sum(0), 3 * labels[0])  # each of the 4 labels in 3 of the 4 subsets
+    assert torch.equal(rows[4], labels[1])
+    assert len(model_lib.ICLEVRPipeline.sub_requests(vocabulary.encode_all([FIVE]), 3)[0]) == 10  # C(5, 3)
+
+
+def test_four_and_five_objects_are_drawn_deterministically_and_follow_their_labels(composing_pipe):
+    images = draw(composing_pipe, [FOUR, FIVE])
+    assert images.shape == (2, 64, 64, 3)
+    assert np.array_equal(images, draw(composing_pipe, [FOUR, FIVE]))  # same seed, same images
+    other = draw(composing_pipe, [["blue cube", "green cylinder", "brown sphere", "purple cube"], FIVE])
+    assert not np.array_equal(images[0], other[0]) and np.array_equal(images[1], other[1])
+
+
+def test_requests_within_the_training_range_are_exactly_todays_joint_samples(composing_pipe):
+    composed = draw(composing_pipe, WITHIN)
+    assert np.array_equal(composed, draw(composing_pipe, WITHIN, compose_above=None))
+    assert np.array_equal(composed, draw(composing_pipe, WITHIN, compose_above=4))
+    mixed = draw(composing_pipe, [*WITHIN, FOUR, FIVE])  # one batch of requests of 1 to 5 objects
+    assert mixed.shape == (5, 64, 64, 3)
+
+
+def test_composition_can_be_switched_off_or_forced(composing_pipe):
+    with pytest.raises(model_lib.UserError, match="5 labels, but this model draws at most 4 objects$"):
+        draw(composing_pipe, [FIVE], compose_above=None)
+    forced = draw(composing_pipe, WITHIN, compose_above=2)  # 3-object requests from their pairs
+    assert np.array_equal(forced[:2], draw(composing_pipe, WITHIN)[:2])
+    assert not np.array_equal(forced[2], draw(composing_pipe, WITHIN)[2])
+
+
+def test_more_objects_than_composition_serves_is_one_line(composing_pipe, tmp_path):
+    composing_pipe.save_pretrained(tmp_path / "model")
+    seven = "red sphere,cyan cube,gray cylinder,yellow cube,blue sphere,green cube,brown cylinder"
+    code, _, err = run_main("sample.py", "--model", tmp_path / "model", "--out", tmp_path / "out", "--steps", 2,
+                            "--labels", seven)
+    assert (code, last_line(err)) == (2, "error: condition 0: 7 labels, but this model draws at most 6 objects "
+                                         "(3 jointly, more by composing 3-object sub-requests)")
+    code, out, err = run_main("sample.py", "--model", tmp_path / "model", "--out", tmp_path / "out", "--steps", 2,
+                              "--labels", ",".join(FIVE))
+    assert code == 0, err
+    code, _, err = run_main("sample.py", "--model", tmp_path / "model", "--out", tmp_path / "off", "--steps", 2,
+                            "--labels", ",".join(FIVE), "--compose-above", 0)
+    assert (code, last_line(err)) == (2, "error: condition 0: 5 labels, but this model draws at most 4 objects")
+    assert not (tmp_path / "off").exists()
+
+
+def test_trained_models_know_their_largest_scene(tiny_run):
+    assert model_lib.load_pipeline(tiny_run / "model").unet.config.trained_objects == 3
+
+
+def test_object_condition_sets_take_each_object_from_another_scene(vocabulary):
+    import dataset
+
+    filenames = [f"CLEVR_train_{s:06d}_{k}.png" for s in range(6) for k in range(3)]
+    objects = [["red cube", "blue cube", "gray sphere"], ["green cube", "cyan sphere", "red sphere"],
+               ["brown cylinder", "yellow cube", "gray cube"], ["purple sphere", "red cylinder", "blue sphere"],
+               ["cyan cube", "green sphere", "gray cylinder"], ["yellow sphere", "brown cube", "blue cylinder"]]
+    label_lists = [objects[s][:k + 1] for s in range(6) for k in range(3)]
+    sets = dataset.scene_object_conditions(filenames, label_lists, 40, 5, seed=1)
+    assert len(sets) == 40 and all(len(set(labels)) == 5 for labels in sets)
+    scene_of = {label: s for s, labels in enumerate(objects) for label in labels}
+    assert all(len({scene_of[label] for label in labels}) == 5 for labels in sets)  # 5 different scenes
+    assert sets == dataset.scene_object_conditions(filenames, label_lists, 40, 5, seed=1)
+    with pytest.raises(dataset.UserError, match="only 6 scenes"):
+        dataset.scene_object_conditions(filenames, label_lists, 1, 7, seed=0)
