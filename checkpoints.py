@@ -156,6 +156,8 @@ def check_compatible(saved_config, model, where):
         raise UserError(f"{where} was trained with another label vocabulary ({len(saved_names)} labels, first "
                         f"{saved_names[0]!r}) than this run ({len(names)} labels, first {names[0]!r})")
     for key, value in sorted(saved_config.items(), key=lambda item: item[0] != "preset"):  # preset first
+        if key == "trained_objects":  # what the run's data holds, not the architecture: the run's own counts
+            continue
         if not key.startswith("_") and key in current and current[key] != value:
             raise UserError(f"{where} has {key}={value}, but this run has {key}={current[key]} "
                             f"(use the same --preset and --model-option as the checkpoint)")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("ICLEVR_CACHE_DIR", Path.home() / ".cach
 DEFAULT_DATA_DIR = os.environ.get("ICLEVR_DATA_DIR", "data")
 SYNTHETIC = "synthetic"  # --data-dir value that asks for generated scenes instead of the course files
 IMAGE_SIZE = 64
+PACK = "iclevr.npz"  # a data folder may hold its images packed in one file instead of iclevr/ (bench/gpu_bundle.py)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,15 +282,38 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
     return images
 
 
+def write_pack(path, filenames, images):
+    """Images (N, S, S, 3 uint8) and their filenames in one compressed file, read back by load_training_set."""
+    with replacing(path) as temp:
+        with open(temp, "wb") as f:
+            np.savez_compressed(f, filenames=np.array(filenames), images=images)
+
+
+def read_pack(path, filenames):
+    """The packed images of `filenames`, in that order."""
+    try:
+        with np.load(path) as pack:
+            names, images = pack["filenames"].tolist(), pack["images"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: not a readable image pack ({str(error)[:120]})")
+    position = {name: i for i, name in enumerate(names)}
+    missing = [name for name in filenames if name not in position]
+    if missing:
+        raise UserError(f"{path}: {len(missing)} image(s) of train.json are not in it, e.g. {missing[0]}")
+    return images[[position[name] for name in filenames]]
+
+
 def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path=None,
                       cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_SIZE):
-    """The course layout under `data_dir`; each piece may be given separately instead."""
+    """The course layout under `data_dir` (its images in iclevr/, or packed in iclevr.npz, perhaps at a lower
+    resolution); each piece may be given separately instead."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir() and (image_dir is None or train_json is None):
         raise UserError(f"{data_dir}: no such data directory (expected iclevr/, train.json, objects.json; "
                         f"or use --data-dir {SYNTHETIC} for generated scenes)")
+    packed = image_dir is None and not (data_dir / "iclevr").is_dir() and (data_dir / PACK).is_file()
     image_dir = Path(image_dir) if image_dir else data_dir / "iclevr"
-    if not image_dir.is_dir():
+    if not image_dir.is_dir() and not packed:
         raise UserError(f"{image_dir}: no such image folder")
     train_json = Path(train_json) if train_json else data_dir / "train.json"
     vocabulary = find_vocabulary(data_dir, vocabulary_path)
@@ -297,7 +322,7 @@ def load_training_set(data_dir, image_dir=None, train_json=None, vocabulary_path
         raise UserError(f"{train_json}: expected a JSON object mapping image filenames to label lists")
     filenames = sorted(mapping)
     label_lists = [vocabulary.check(mapping[name], f"{train_json}: {name}") for name in filenames]
-    images = cached_images(image_dir, filenames, cache_dir, size)
+    images = read_pack(data_dir / PACK, filenames) if packed else cached_images(image_dir, filenames, cache_dir, size)
     labels = np.stack([vocabulary.encode(labels) for labels in label_lists])
     return TrainingSet(images, labels, filenames, label_lists, vocabulary, data_dir)
 

@@ -26,7 +26,7 @@ import dataset
 import metrics
 import synthetic
 from cli import UserError, run_cli
-from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters,
+from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters, fast_bf16,
                    sampling_scheduler, to_sample_size, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -87,7 +87,8 @@ def parse_args(argv=None):
     opt.add_argument("--ema-decay", type=float, default=0.9999,
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                     help="auto: bf16 on a GPU that supports it, fp32 on CPU")
+                     help="auto: bf16 where it is fast, on a GPU that supports it or a CPU with AMX-BF16 (on this "
+                          "project's CPU as good as fp32 at equal steps, and faster: docs/RESULTS.md), else fp32")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet (slow first steps; see docs/RESULTS.md for when it pays)")
     opt.add_argument("--max-bad-steps", type=int, default=0,
@@ -385,7 +386,7 @@ def main(argv=None):
     args = parse_args(argv)
     mixed = args.mixed_precision
     if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mixed = "bf16" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
     accelerator = Accelerator(mixed_precision=mixed)
     run_dir = Path(args.out)
     lock = checkpoints.lock_run_dir(run_dir) if accelerator.is_main_process else None
@@ -419,6 +420,9 @@ def train(args, accelerator, run_dir, stop):
                                                                **args.model_options})
     check_object_counts(model)
     size = model.denoising_size
+    if data.images.shape[1] < size:  # a pack made for another preset (bench/gpu_bundle.py)
+        raise UserError(f"the training images are {data.images.shape[1]} pixels, but the {args.preset} preset "
+                        f"denoises at {size}: make the data for this preset")
     noise_scheduler = training_scheduler(args.beta_schedule, args.timesteps, args.prediction_type)
     meter = metrics.ConditioningMeter(meter_data, noise_scheduler, size) if meter_data is not None and is_main else None
     with accelerator.main_process_first():  # the main process sets damaged checkpoints aside before others look
@@ -450,7 +454,8 @@ def train(args, accelerator, run_dir, stop):
         (run_dir / "config.json").write_text(json.dumps({**vars(args), "total_steps": steps,
                                                          "parameters": count_parameters(raw_model),
                                                          "training_images": len(data), "images_per_step":
-                                                         args.batch_size * accelerator.num_processes}, indent=1))
+                                                         args.batch_size * accelerator.num_processes,
+                                                         "precision_used": accelerator.mixed_precision}, indent=1))
     if meter and start == 0:
         metrics.append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
 
@@ -489,6 +494,8 @@ def train(args, accelerator, run_dir, stop):
             if is_main and step % args.log_every == 0:
                 record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "train_minutes":
                           train_seconds / 60, "images_per_s": images_since_log / seconds_since_log}
+                if device.type == "cuda":
+                    record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 metrics.append_metrics(run_dir, record)
                 progress.postfix.update(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0

@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--held-out-images", type=int, default=500,
                    help="images of whole held-out scenes for the reported error (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the batch order")
+    p.add_argument("--from", dest="source_upsampler", metavar="FOLDER",
+                   help="instead of training one, add the learned upsampler of this model folder (it depends on the "
+                        "images, not on the UNet: one trained on the same data serves any model of the same "
+                        "denoising size); the held-out PSNR is reported as after training")
     return p.parse_args(argv)
 
 
@@ -143,12 +147,19 @@ def main(argv=None):
     kept, held = dataset.split_off_scenes(data.filenames, min(args.held_out_images, len(data) // 10), args.seed)
     make_output_dir(destination.parent)
 
-    torch.manual_seed(args.seed)
-    upsampler = Upsampler(scale=scale, width=args.width, depth=args.depth)
-    steps = train_upsampler(upsampler, data.subset(kept), size, args)
+    if args.source_upsampler:
+        upsampler = load_pipeline(args.source_upsampler).upsampler
+        if upsampler is None or upsampler.config.scale != scale:
+            raise UserError(f"{args.source_upsampler}: no learned {scale}x upsampler to take (train one: "
+                            f"python upsampler.py MODEL --data-dir DATA)")
+        how = f"taken from {args.source_upsampler}"
+    else:
+        torch.manual_seed(args.seed)
+        upsampler = Upsampler(scale=scale, width=args.width, depth=args.depth)
+        how = f"{train_upsampler(upsampler, data.subset(kept), size, args)} steps on {len(kept)} images"
     upsampler.eval()
     write_folder(source, destination, pipe, upsampler)
-    print(f"wrote {destination} with a learned {scale}x upsampler ({steps} steps on {len(kept)} images)")
+    print(f"wrote {destination} with a learned {scale}x upsampler ({how})")
     if len(held):
         images = data.images[held]
         print(f"held-out PSNR ({len(held)} images of unseen scenes): bicubic "

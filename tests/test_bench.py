@@ -58,3 +58,43 @@ def test_recipe_table_compares_runs_at_equal_numbers_of_images(tmp_path):
     assert "acc_test at thousands of training images" in result.stdout
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:4]}
     assert rows["small"] == ["0.200", "0.300"] and rows["big"] == ["-", "0.350"]
+
+
+def test_gpu_rehearsal_runs_from_the_bundle_alone(synthetic_data, tmp_path):
+    """What a lent GPU machine gets: a copy of the checkout with the bundle in it and no ../shared beside it. The
+    run leaves at most 8 files of under 16 MiB, at most 2 folders down, and they turn back into a model folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    box = tmp_path / "box" / "checkout"  # nothing beside it
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file():
+            (box / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, box / name)
+    bundle = run_script("bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny-tokens", "--out",
+                        box / "gpu-bundle", "--no-wheels")
+    assert bundle.returncode == 0, bundle.stderr
+    assert (box / "gpu-bundle" / "data" / "iclevr.npz").is_file() and not (box / "gpu-bundle" / "data" / "iclevr").exists()
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "ICLEVR_DATA_DIR"}
+    env.update(OUT=str(out), PRESET="tiny-tokens", MINUTES="0.3", BATCH="8", PYTHON=sys.executable)
+    run = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=box, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 4 <= len(files) <= 8 and all(p.stat().st_size < 16 * 2**20 for p in files)
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    summary = (out / "summary.txt").read_text()
+    assert "images seen" in summary and "images/s" in summary
+    imported = subprocess.run(["bash", "bench/gpu_import.sh", str(out), str(tmp_path / "model")], cwd=REPO,
+                              env={**env, "SCORE": "0", "UPSAMPLER_FROM": ""}, capture_output=True, text=True,
+                              timeout=600)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    from model import load_pipeline
+    pipe = load_pipeline(tmp_path / "model")
+    assert pipe.unet.config.preset == "tiny-tokens" and pipe.sampling_settings["steps"] == 20

@@ -177,3 +177,26 @@ def test_meter_scenes_are_whole_scenes_inside_the_evaluator_held_out_split():
     evaluator_held = set(dataset.split_by_scene(names, 0.1, seed=0)[1])
     assert set(held) <= evaluator_held
     assert len(dataset.split_off_scenes(names, 0)[1]) == 0
+
+
+def test_a_data_folder_may_hold_its_images_packed(synthetic_data, tmp_path):
+    """iclevr.npz in place of iclevr/ (bench/gpu_bundle.py): read like any data folder, in train.json's order."""
+    import shutil
+
+    data = dataset.load_training_set(synthetic_data)
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    for name in ("train.json", "objects.json"):
+        shutil.copy(synthetic_data / name, folder / name)
+    small = data.images[:, ::2, ::2]  # any size: the pack holds what the preset denoises at
+    order = np.random.default_rng(0).permutation(len(data))
+    dataset.write_pack(folder / dataset.PACK, [data.filenames[i] for i in order], small[order])
+    packed = dataset.load_training_set(folder)
+    assert packed.filenames == data.filenames and np.array_equal(packed.images, small)
+    assert np.array_equal(packed.labels, data.labels)
+    mapping = json.loads((folder / "train.json").read_text())
+    mapping["CLEVR_train_999999_0.png"] = ["red cube"]
+    (folder / "train.json").write_text(json.dumps(mapping))
+    with pytest.raises(UserError, match=r"iclevr.npz: 1 image\(s\) of train.json are not in it, e.g. "
+                                        r"CLEVR_train_999999_0.png"):
+        dataset.load_training_set(folder)

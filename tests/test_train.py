@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -72,6 +73,16 @@ def test_init_starts_from_a_trained_model(tiny_run, synthetic_data, tmp_path):
     initialised, fresh = weights(tmp_path / "init"), weights(tmp_path / "fresh")
     assert all(torch.allclose(initialised[k], trained[k], atol=1e-6) for k in trained)
     assert not all(torch.allclose(fresh[k], trained[k], atol=1e-6) for k in trained)
+
+    older = tmp_path / "older"  # a folder from before models recorded their largest training scene
+    shutil.copytree(tiny_run / "model", older)
+    config = json.loads((older / "unet" / "config.json").read_text())
+    del config["trained_objects"]
+    (older / "unet" / "config.json").write_text(json.dumps(config))
+    (older / "manifest.json").unlink()
+    result = train(synthetic_data, tmp_path / "from-older", "--max-steps", 1, "--init", older)
+    assert result.returncode == 0, result.stderr
+    assert load_pipeline(tmp_path / "from-older" / "model").unet.config.trained_objects == 3
 
     code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "other", *TINY,
                             "--preset", "tiny-tokens", "--init", tiny_run / "model")
@@ -327,3 +338,12 @@ def test_bf16_training_on_a_cpu_gives_finite_losses_and_a_loadable_model(synthet
     assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(tmp_path / "bf16").values())
     pipe = load_pipeline(tmp_path / "bf16" / "model")
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in pipe.unet.parameters())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision_used"] == "bf16"
+
+
+def test_auto_precision_is_bf16_only_where_it_is_fast(tiny_run):
+    from model import fast_bf16
+
+    config = json.loads((tiny_run / "config.json").read_text())  # trained with the default --mixed-precision auto
+    assert config["mixed_precision"] == "auto"
+    assert config["precision_used"] == ("bf16" if fast_bf16("cpu") else "no")

@@ -76,6 +76,22 @@ def test_the_folder_keeps_the_unet_and_the_pipeline_uses_the_upsampler(upsampled
     assert not np.array_equal(images, generate(plain, labels, seed=0, steps=3))
 
 
+def test_an_upsampler_can_be_taken_from_another_folder(upsampled, tokens_folder, synthetic_data, tmp_path):
+    from model import load_pipeline
+
+    folder, _ = upsampled
+    code, stdout, err = run_main("upsampler.py", tokens_folder, "--out", tmp_path / "taken", "--from", folder,
+                                 "--data-dir", synthetic_data, "--held-out-images", 24)
+    assert code in (0, None), err
+    assert f"with a learned 2x upsampler (taken from {folder})" in stdout and "held-out PSNR" in stdout
+    taken, trained = load_pipeline(tmp_path / "taken").upsampler, load_pipeline(folder).upsampler
+    assert all(torch.equal(a, b) for a, b in zip(taken.state_dict().values(), trained.state_dict().values()))
+    code, _, err = run_main("upsampler.py", tokens_folder, "--out", tmp_path / "none", "--from", tokens_folder,
+                            "--data-dir", synthetic_data)
+    assert code == 2 and last_line(err).startswith(f"error: {tokens_folder}: no learned 2x upsampler to take")
+    assert not (tmp_path / "none").exists()
+
+
 def test_export_keeps_the_upsampler(upsampled, tmp_path):
     from model import load_pipeline
     from sample import generate

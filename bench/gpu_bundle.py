@@ -1,0 +1,95 @@
+"""Everything a run on a lent GPU machine needs that the checkout does not hold, in one folder to carry along:
+
+    python bench/gpu_bundle.py --data-dir ../shared/data --preset tokens        # writes gpu-bundle/ (git ignores it)
+
+then, with the device tool: run `bash bench/gpu_run.sh` with carry ["gpu-bundle"] (docs/RESULTS.md, "A lent GPU").
+
+gpu-bundle/data/ is a data folder in the course layout that train.py reads like any other (--data-dir
+gpu-bundle/data): train.json, objects.json and, instead of 18,009 PNGs (142 MB, which cannot travel), iclevr.npz:
+the training images at the preset's denoising size, 2x2 averages rounded to uint8 for the 32-pixel presets (what
+train.py computes from the PNGs at every step, to 1/255). gpu-bundle/wheels/ holds the Python packages the GPU
+machine lacks (diffusers and importlib_metadata, built for its Python 3.12), fetched from PyPI by pip.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dataset  # noqa: E402
+import synthetic  # noqa: E402
+from cli import UserError, make_output_dir, publish_dir, run_cli  # noqa: E402
+from model import PRESETS, build_model, to_sample_size  # noqa: E402
+
+LIMIT_MB = 60  # what travels is at most 64 MiB with the checkout: keep room for it
+WHEELS = ["diffusers==0.42.1", "importlib_metadata==10.2.0"]  # the GPU image has the rest (device/KINDS.md)
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
+
+
+def packed_images(data, size):
+    """uint8 (N, size, size, 3): the images at the denoising size, averaged as train.py averages them."""
+    parts = []
+    for start in range(0, len(data.images), 1024):
+        x = to_sample_size(dataset.to_model_input(torch.from_numpy(data.images[start:start + 1024])), size)
+        parts.append(dataset.to_uint8(x))
+    return np.concatenate(parts)
+
+
+def download_wheels(folder):
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS],
+               "-d", str(folder), *WHEELS]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"pip could not download {', '.join(WHEELS)}: {result.stderr.strip().splitlines()[-1:]}")
+
+
+def folder_mb(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR,
+                   help=f"course data folder, or '{dataset.SYNTHETIC}' for generated scenes (a rehearsal)")
+    p.add_argument("--preset", default="tokens", choices=list(PRESETS),
+                   help="the preset the GPU run trains: the images are packed at its denoising size")
+    p.add_argument("--out", default="gpu-bundle", help="the bundle folder (replaced if it exists)")
+    p.add_argument("--cache-dir", default=str(dataset.DEFAULT_CACHE_DIR), help="where decoded images are cached")
+    p.add_argument("--no-wheels", action="store_true",
+                   help="leave out the wheels (a CPU rehearsal where diffusers is installed already)")
+    args = p.parse_args(argv)
+
+    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir),
+                                     cache_dir=args.cache_dir)
+    size = build_model(args.preset, data.vocabulary.names).denoising_size
+    out = Path(args.out)
+    make_output_dir(out.parent)
+    temp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        (temp / "data").mkdir(parents=True)
+        (temp / "data" / "objects.json").write_text(json.dumps(data.vocabulary.index_of))
+        (temp / "data" / "train.json").write_text(json.dumps(dict(zip(data.filenames, data.label_lists))))
+        dataset.write_pack(temp / "data" / dataset.PACK, data.filenames, packed_images(data, size))
+        if not args.no_wheels:
+            download_wheels(temp / "wheels")
+        total = folder_mb(temp)
+        if total > LIMIT_MB:
+            raise UserError(f"the bundle would be {total:.1f} MiB, over the {LIMIT_MB} MiB that may travel with the "
+                            f"checkout ({size}-pixel images of the {args.preset} preset: use a 32-pixel preset)")
+        publish_dir(temp, out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    print(f"wrote {out} ({total:.1f} MiB: {len(data)} images at {size}x{size}"
+          f"{'' if args.no_wheels else ', wheels for Python 3.12'})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
