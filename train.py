@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
@@ -30,6 +31,10 @@ from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_mod
                    sampling_scheduler, to_sample_size, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Presets whose training step bf16 autocast makes faster on a CPU with AMX-BF16 (bench/train_throughput.py,
+# docs/RESULTS.md): tokens 1.12x (2x wide 1.6x), small 1.09x, seed 2.8x. tiny (0.80x) and cpu (0.85x) are slower
+# in bf16, so --mixed-precision auto keeps them in fp32.
+CPU_BF16_PRESETS = {"small", "tokens", "seed"}
 
 
 class NonFiniteLoss(UserError):
@@ -87,8 +92,9 @@ def parse_args(argv=None):
     opt.add_argument("--ema-decay", type=float, default=0.9999,
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                     help="auto: bf16 where it is fast, on a GPU that supports it or a CPU with AMX-BF16 (on this "
-                          "project's CPU as good as fp32 at equal steps, and faster: docs/RESULTS.md), else fp32")
+                     help="auto: bf16 where it is faster, on a GPU that supports it, or on a CPU with AMX-BF16 for "
+                          f"the presets it speeds up there ({', '.join(sorted(CPU_BF16_PRESETS))}; as good as fp32 "
+                          "at equal steps: docs/RESULTS.md); fp32 elsewhere")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet (slow first steps; see docs/RESULTS.md for when it pays)")
     opt.add_argument("--max-bad-steps", type=int, default=0,
@@ -386,7 +392,13 @@ def main(argv=None):
     args = parse_args(argv)
     mixed = args.mixed_precision
     if mixed == "auto":
-        mixed = "bf16" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
+        if torch.cuda.is_available():
+            mixed = "bf16" if fast_bf16("cuda") else "no"
+        else:
+            mixed = "bf16" if args.preset in CPU_BF16_PRESETS and fast_bf16("cpu") else "no"
+    # accelerate keeps one process-wide state: a second main() in the same process (tests, a notebook) may ask for
+    # another precision, which it would refuse. Forgetting the previous run's state lets each call choose its own.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=mixed)
     run_dir = Path(args.out)
     lock = checkpoints.lock_run_dir(run_dir) if accelerator.is_main_process else None
