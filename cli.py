@@ -123,10 +123,12 @@ def file_sha256(path):
 
 
 def write_manifest(folder):
-    """FOLDER/manifest.json: the size and SHA-256 of every other file below it."""
+    """FOLDER/manifest.json: the size and SHA-256 of every other file below it but a model card (README.md, which
+    is documentation, free to edit)."""
     folder = Path(folder)
     files = {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-             for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / MANIFEST}
+             for path in sorted(folder.rglob("*"))
+             if path.is_file() and path not in (folder / MANIFEST, folder / "README.md")}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 

@@ -137,3 +137,18 @@ def test_scripts_refuse_a_damaged_checkpoint_folder(damage_runs, tmp_path, scrip
         f"error: {checkpoint}/pipeline is damaged (unet/diffusion_pytorch_model.safetensors is not what was "
         f"written (SHA-256 differs))")
     assert not (tmp_path / "out").exists() and not (tmp_path / "exported").exists()
+
+
+def test_a_model_card_may_be_edited_without_damaging_the_folder(damage_runs, tmp_path):
+    from model import load_pipeline
+
+    base, _ = damage_runs
+    folder = tmp_path / "model"
+    shutil.copytree(base / "model", folder)
+    (folder / "README.md").write_text("# my model\n")
+    assert load_pipeline(folder).unet is not None  # a card added after the manifest was written
+    (folder / "README.md").write_text("# my model, edited\n")
+    assert load_pipeline(folder).unet is not None
+    damage(folder / "unet" / "config.json", "flip")
+    with pytest.raises(Exception, match="is damaged"):
+        load_pipeline(folder)

@@ -23,7 +23,10 @@ def test_a_model_is_shipped_small():
         assert folder_megabytes(folder) <= 12, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
         settings = json.loads((folder / "sampling.json").read_text())
         assert {"sampler", "steps", "guidance_scale"} <= set(settings) <= {"sampler", "steps", "guidance_scale",
-                                                                           "guidance_max_t"}
+                                                                           "guidance_max_t", "precision"}
+        card = (folder / "README.md").read_text()  # the model card: what it is, its scores, how to load it
+        assert "load_pipeline" in card and "test.json" in card and "How it was trained" in card
+        assert (folder / "manifest.json").is_file()
 
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
