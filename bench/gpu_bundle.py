@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 import synthetic  # noqa: E402
 from cli import UserError, make_output_dir, publish_dir, run_cli  # noqa: E402
+from export import folder_megabytes  # noqa: E402
 from model import PRESETS, build_model, to_sample_size  # noqa: E402
 
 LIMIT_MB = 60  # what travels is at most 64 MiB with the checkout: keep room for it
@@ -47,10 +48,6 @@ def download_wheels(folder):
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"pip could not download {', '.join(WHEELS)}: {result.stderr.strip().splitlines()[-1:]}")
-
-
-def folder_mb(folder):
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
 
 
 def main(argv=None):
@@ -79,7 +76,7 @@ def main(argv=None):
         dataset.write_pack(temp / "data" / dataset.PACK, data.filenames, packed_images(data, size))
         if not args.no_wheels:
             download_wheels(temp / "wheels")
-        total = folder_mb(temp)
+        total = folder_megabytes(temp) * 1e6 / 2**20  # MiB, as the device tool counts
         if total > LIMIT_MB:
             raise UserError(f"the bundle would be {total:.1f} MiB, over the {LIMIT_MB} MiB that may travel with the "
                             f"checkout ({size}-pixel images of the {args.preset} preset: use a 32-pixel preset)")
