@@ -23,7 +23,7 @@ import dataset
 from cli import UserError, make_output_dir, read_json, replacing, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model, topk_hits
 from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS
-from sample import generate, generation_options, prepare_pipeline
+from sample import generate, generation_options, parse_guidance_by_objects, prepare_pipeline
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
 
@@ -84,7 +84,7 @@ def summarise(per_seed):
 def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, **options):
     """Generate every condition set with every seed and score it: {name: {"seeds": ..., "mean": ...}},
     plus the generated images per name (for the Fréchet distance). `options`: generate's steps, guidance_scale,
-    guidance_max_t, precision."""
+    guidance_max_t, precision, compose_above, guidance_by_objects."""
     vocabulary = pipe.unet.vocabulary
     evaluator.check_label_order(vocabulary, "the model")
     results, images = {}, {}
@@ -185,6 +185,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-max-t", type=int,
                    help="guide only the steps at timesteps below this; 1000 = every step (default: the model "
                         "folder's, else every step)")
+    p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
+                   help="a guidance of its own for requests of K labels, e.g. 4:2 (scale 2 on every step); others "
+                        "keep --guidance-scale and --guidance-max-t (default: the model folder's, else none)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="the UNet's arithmetic while sampling: fp32, or bf16 where the hardware has it (default: "
                         "the model folder's, else fp32); the evaluator always scores in fp32")
@@ -228,7 +231,8 @@ def main(argv=None):
             condition_sets[name] = label_lists
     else:
         pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                          args.guidance_max_t, args.precision)
+                                          args.guidance_max_t, args.precision,
+                                          parse_guidance_by_objects(args.guidance_by_objects))
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         condition_sets = dict(parse_condition_arg(text, pipe.unet.vocabulary, data) for text in sources)
         results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), args.batch_size,

@@ -15,7 +15,7 @@ import torch
 from cli import UserError, make_output_dir, publish_dir, run_cli
 from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, ICLEVRPipeline, load_pipeline,
                    write_sampling_settings)
-from sample import describe_guidance, sampling_settings
+from sample import describe_guidance, parse_guidance_by_objects, sampling_settings
 
 
 def folder_megabytes(folder):
@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0, help="its classifier-free guidance scale")
     p.add_argument("--guidance-max-t", type=int, help="its guidance limit: guide only timesteps below this "
                                                       "(default: guide every step)")
+    p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
+                   help="its guidance for requests of K labels where it differs, e.g. 4:2 (four-label requests at "
+                        "scale 2 on every step)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the UNet's arithmetic it was measured with while sampling (bf16: autocast, used where the "
                         "hardware has fast bf16)")
@@ -61,12 +64,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
-    sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t, args.precision)
+    sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t, args.precision,
+                                 parse_guidance_by_objects(args.guidance_by_objects))
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {args.sampler}, {steps} steps, "
-          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)}, {args.precision})")
+          f"{describe_guidance(args.guidance_scale, args.guidance_max_t, sampling.get('guidance_by_objects'))}, "
+          f"{args.precision})")
     return 0
 
 

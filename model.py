@@ -334,11 +334,26 @@ class ICLEVRPipeline(DiffusionPipeline):
             return (signal * x - noise * output).clamp(-1, 1)
         return ((x - noise * output) / signal).clamp(-1, 1)
 
+    @staticmethod
+    def request_guidance(labels, guidance_scale, guidance_max_t, guidance_by_objects=None):
+        """(scale, max_t) for each request: the entry of its object count in `guidance_by_objects`
+        ({K: (scale, max_t)}), else the common setting."""
+        common = (guidance_scale, guidance_max_t)
+        return [(guidance_by_objects or {}).get(k, common) for k in (labels > 0).sum(1).tolist()]
+
+    @staticmethod
+    def step_guidance(guidance, t):
+        """Each request's guidance scale at timestep t (1 outside its range): one number when they all agree, as
+        without per-count settings, else a list."""
+        scales = [scale if max_t is None or t < max_t else 1.0 for scale, max_t in guidance]
+        return scales[0] if len(set(scales)) == 1 else scales
+
     def predict(self, x, t, rows, owner, guidance_scale, precision="fp32"):
         """The UNet's output at t for each sample in x, as float32 (in bf16 autocast for precision "bf16"): the mean
         of its sub-requests' outputs (`rows`, of sample `owner`; one per sample for joint sampling), guided as
         eps = eps_uncond + scale * (mean eps_cond - eps_uncond), which for composed requests is Composable
-        Diffusion's conjunction with the weight spread over the sub-requests."""
+        Diffusion's conjunction with the weight spread over the sub-requests. `guidance_scale`: one number, or one
+        per sample (a sample at scale 1 then gets its conditional output exactly, as when no sample is guided)."""
         joint = len(rows) == len(x)  # then owner is 0..n-1: the arithmetic of plain joint sampling, bit for bit
         inputs = x if joint else x[owner]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -354,15 +369,20 @@ class ICLEVRPipeline(DiffusionPipeline):
             conditional = conditional / counts[:, None, None, None]
         if guidance_scale == 1.0:
             return conditional
+        if isinstance(guidance_scale, list):
+            scale = torch.tensor(guidance_scale, device=x.device)[:, None, None, None]
+            return torch.where(scale == 1.0, conditional, unconditional + scale * (conditional - unconditional))
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
     def __call__(self, conditions, num_inference_steps=None, guidance_scale=1.0, generator=None,
                  output_type="pil", batch_size=64, callback=None, guidance_max_t=None, precision="fp32",
-                 compose_above="auto"):
+                 compose_above="auto", guidance_by_objects=None):
         """output_type: "pil", "np" (uint8 HxWx3) or "pt" (float Bx3xHxW in [-1, 1]).
         compose_above: requests with more labels are drawn by composing their sub-requests of this many labels
         ("auto": the model's trained_objects; None or 0: never).
+        guidance_by_objects: {K: (scale, max_t)}, the guidance of requests of K labels where it differs from
+        guidance_scale and guidance_max_t (composed requests may want another; max_t None: every step).
         callback(step_index, timestep, sample, clean_estimate) sees, before each step, the noisy sample the model
         denoises at that timestep and the model's estimate of the clean image from it, both at the denoising
         resolution (for the process figure)."""
@@ -378,10 +398,11 @@ class ICLEVRPipeline(DiffusionPipeline):
             x = noise[start:start + batch_size]
             rows, owner = self.sub_requests(labels[start:start + batch_size], compose_above)
             rows = rows.to(self.unet.dtype)
+            guidance = self.request_guidance(labels[start:start + batch_size], guidance_scale, guidance_max_t,
+                                             guidance_by_objects)
             self.scheduler.set_timesteps(steps, device=self.device)
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                guided = guidance_max_t is None or t < guidance_max_t
-                output = self.predict(x, t, rows, owner, guidance_scale if guided else 1.0, precision)
+                output = self.predict(x, t, rows, owner, self.step_guidance(guidance, t), precision)
                 if callback is not None:
                     callback(i, t, x, self.clean_estimate(output, t, x))
                 x = self.scheduler.step(output, t, x, generator=generator).prev_sample
@@ -445,15 +466,24 @@ def write_sampling_settings(folder, settings):
 
 
 def read_sampling_settings(folder):
-    """The folder's sampling.json: {"sampler": ..., "steps": ..., "guidance_scale": ..., "guidance_max_t": ...},
-    each optional."""
+    """The folder's sampling.json: {"sampler": ..., "steps": ..., "guidance_scale": ..., "guidance_max_t": ...,
+    "precision": ..., "guidance_by_objects": {"K": {"guidance_scale": ..., "guidance_max_t": ...}}}, each optional."""
     path = Path(folder) / SAMPLING_FILE
     if not path.is_file():
         return {}
     settings = read_json(path, "sampling settings file")
-    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str}
+    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str,
+                "guidance_by_objects": dict}
     if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
                                              for k, kind in expected.items()):
         raise UserError(f'{path}: expected {{"sampler": name, "steps": integer, "guidance_scale": number, '
-                        f'"guidance_max_t": integer, "precision": "fp32" or "bf16"}} (each optional)')
+                        f'"guidance_max_t": integer, "precision": "fp32" or "bf16", "guidance_by_objects": '
+                        f'{{"K": {{"guidance_scale": number, "guidance_max_t": integer}}}}}} (each optional)')
+    for count, entry in settings.get("guidance_by_objects", {}).items():
+        if not (count.isdigit() and isinstance(entry, dict) and isinstance(entry.get("guidance_scale"), (int, float))
+                and set(entry) <= {"guidance_scale", "guidance_max_t"}
+                and isinstance(entry.get("guidance_max_t", 0), int)):
+            raise UserError(f'{path}: guidance_by_objects["{count}"]: expected {{"guidance_scale": number, '
+                            f'"guidance_max_t": integer}} for requests of a number of labels (guidance_max_t '
+                            f'optional: every step)')
     return {k: settings[k] for k in expected if k in settings}

@@ -23,7 +23,8 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from cli import UserError, make_output_dir, publish_dir, replacing, run_cli, warn
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, fast_bf16, load_pipeline, sampling_scheduler
+from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_COMPOSED, PRECISIONS, SAMPLERS, fast_bf16, load_pipeline,
+                   sampling_scheduler)
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 MAX_GUIDANCE = 20.0
@@ -37,7 +38,8 @@ def pick_device(name=None):
     return name
 
 
-def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32"):
+def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
+                            guidance_by_objects=None):
     """Refuse a sampler, step count, guidance setting or precision out of range (from a flag or a sampling.json)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -50,32 +52,65 @@ def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None,
                         f"1 means no guidance)")
     if guidance_max_t is not None and not 0 <= guidance_max_t <= 1000:
         raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
+    for count, entry in (guidance_by_objects or {}).items():
+        scale, max_t = entry["guidance_scale"], entry.get("guidance_max_t")
+        in_range = max_t is None or 0 <= max_t <= 1000
+        if not (1 <= int(count) <= MAX_COMPOSED and 0 <= scale <= MAX_GUIDANCE and in_range):
+            raise UserError(f"--guidance-by-objects {count}:{scale:g}{'' if max_t is None else f':{max_t}'}: K must be "
+                            f"between 1 and {MAX_COMPOSED}, SCALE between 0 and {MAX_GUIDANCE:g}, MAX_T between 0 and "
+                            f"1000")
 
 
-def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32"):
-    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited, precision
-    only when it is not fp32)."""
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision)
+def parse_guidance_by_objects(texts):
+    """--guidance-by-objects K:SCALE[:MAX_T] ... as sampling.json holds it, {"K": {"guidance_scale": SCALE[,
+    "guidance_max_t": MAX_T]}}; None without the flag."""
+    if not texts:
+        return None
+    settings = {}
+    for text in texts:
+        try:
+            count, scale, *max_t = text.split(":")
+            if len(max_t) > 1:
+                raise ValueError(text)
+            settings[str(int(count))] = {"guidance_scale": float(scale),
+                                         **({"guidance_max_t": int(max_t[0])} if max_t else {})}
+        except ValueError:
+            raise UserError(f"--guidance-by-objects {text}: expected K:SCALE or K:SCALE:MAX_T, e.g. 4:2 (requests of "
+                            f"4 labels at guidance 2 on every step)")
+    return settings
+
+
+def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
+                      guidance_by_objects=None):
+    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited,
+    guidance_by_objects only when there is one, precision only when it is not fp32)."""
+    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects)
     settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
     if guidance_max_t is not None:
         settings["guidance_max_t"] = guidance_max_t
+    if guidance_by_objects:
+        settings["guidance_by_objects"] = {k: guidance_by_objects[k] for k in sorted(guidance_by_objects, key=int)}
     return settings if precision == "fp32" else {**settings, "precision": precision}
 
 
-def describe_guidance(guidance_scale, guidance_max_t=None):
-    """'guidance 3' or 'guidance 3 below t=500', for printed summaries."""
-    return f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
+def describe_guidance(guidance_scale, guidance_max_t=None, guidance_by_objects=None):
+    """'guidance 3', 'guidance 3 below t=500' or 'guidance 3 below t=500; 4 objects: guidance 2', for printed
+    summaries."""
+    text = f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
+    for count, entry in (guidance_by_objects or {}).items():
+        text += f"; {count} objects: " + describe_guidance(entry["guidance_scale"], entry.get("guidance_max_t"))
+    return text
 
 
 def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
-                     precision=None):
+                     precision=None, guidance_by_objects=None):
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
-    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step, fp32). bf16 where the hardware has no fast bf16
-    (a CPU without AMX) is fp32, with a note.
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "precision"]})"""
+    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count, fp32). bf16 where the
+    hardware has no fast bf16 (a CPU without AMX) is fp32, with a note.
+    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "precision"]})"""
     check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t, precision or "fp32")
+                            guidance_max_t, precision or "fp32", guidance_by_objects)
     pipe = load_pipeline(model, pick_device(device))
     saved = pipe.sampling_settings
     sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
@@ -85,23 +120,26 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         guidance_scale = float(saved.get("guidance_scale", 1.0))
     if guidance_max_t is None:
         guidance_max_t = saved.get("guidance_max_t")
+    if guidance_by_objects is None:
+        guidance_by_objects = saved.get("guidance_by_objects")
     precision = precision or saved.get("precision", "fp32")
     if precision == "bf16" and not fast_bf16(pipe.device.type):
         warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 on a CPU): sampling in fp32")
         precision = "fp32"
-    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision)
+    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
     return pipe, settings
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
-             guidance_max_t=None, precision="fp32", compose_above="auto"):
+             guidance_max_t=None, precision="fp32", compose_above="auto", guidance_by_objects=None):
     """uint8 images (N, 64, 64, 3); the same seed and settings give the same images. Requests with more labels
-    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests."""
+    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests; requests of K
+    labels take the guidance guidance_by_objects[K] = (scale, max_t) where it has one."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                 output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t,
-                precision=precision, compose_above=compose_above).images
+                precision=precision, compose_above=compose_above, guidance_by_objects=guidance_by_objects).images
 
 
 def grid_image(images_uint8, nrow=8):
@@ -124,9 +162,12 @@ def write_sample_folder(out, images, record):
 
 
 def generation_options(settings, compose_above=None):
-    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's),
-    with --compose-above where given (0: never compose)."""
+    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's;
+    guidance_by_objects as {K: (scale, max_t)}), with --compose-above where given (0: never compose)."""
     options = {key: value for key, value in settings.items() if key != "sampler"}
+    if "guidance_by_objects" in options:
+        options["guidance_by_objects"] = {int(count): (entry["guidance_scale"], entry.get("guidance_max_t"))
+                                          for count, entry in options["guidance_by_objects"].items()}
     return options if compose_above is None else {**options, "compose_above": compose_above or None}
 
 
@@ -216,6 +257,10 @@ def parse_args(argv=None):
     p.add_argument("--guidance-max-t", type=int,
                    help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
                         "others; 1000 guides every step (default: the model folder's, else every step)")
+    p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
+                   help="a guidance of its own for requests of K labels, e.g. 4:2 (four-label requests at scale 2 on "
+                        "every step) or 3:4:500 (scale 4 below t=500); other requests keep --guidance-scale and "
+                        "--guidance-max-t (default: the model folder's, else none)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it "
                         "(AMX-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, else fp32)")
@@ -245,7 +290,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                      args.guidance_max_t, args.precision)
+                                      args.guidance_max_t, args.precision,
+                                      parse_guidance_by_objects(args.guidance_by_objects))
     options = generation_options(sampling, args.compose_above)
     vocabulary = pipe.unet.vocabulary
     jobs = {}

@@ -1,5 +1,7 @@
 """More objects than training showed: requests above the model's largest training scene are drawn by composing
 their sub-requests; requests within it are sampled jointly, exactly as before."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,46 @@ def test_composition_can_be_switched_off_or_forced(composing_pipe):
     forced = draw(composing_pipe, WITHIN, compose_above=2)  # 3-object requests from their pairs
     assert np.array_equal(forced[:2], draw(composing_pipe, WITHIN)[:2])
     assert not np.array_equal(forced[2], draw(composing_pipe, WITHIN)[2])
+
+
+def test_a_guidance_per_object_count_changes_only_those_requests(composing_pipe):
+    both = [*WITHIN, FOUR]
+    common = draw(composing_pipe, both)
+    own = draw(composing_pipe, both, guidance_by_objects={4: (2.0, None)})  # every step, at scale 2
+    assert not np.array_equal(own[3], common[3])
+    assert np.array_equal(own[3], draw(composing_pipe, both, guidance_by_objects={4: (2.0, None), 5: (9.0, 100)})[3])
+    # the other requests keep the common guidance (the UNet's batch differs, so to float rounding only)
+    assert np.abs(own[:3].astype(int) - common[:3]).max() <= 1
+    same = draw(composing_pipe, both, guidance_by_objects={4: (3.0, 500)})  # the common setting, spelled out
+    assert np.array_equal(same, common)
+
+
+def test_sampling_json_carries_the_guidance_per_object_count(composing_pipe, tmp_path):
+    composing_pipe.save_pretrained(tmp_path / "model")
+    code, out, err = run_main("export.py", tmp_path / "model", tmp_path / "shipped", "--steps", 2,
+                              "--guidance-scale", 3, "--guidance-max-t", 500, "--guidance-by-objects", "5:1.5", "4:2")
+    assert code == 0, err
+    assert "guidance 3 below t=500; 4 objects: guidance 2; 5 objects: guidance 1.5" in out
+    stored = json.loads((tmp_path / "shipped" / "sampling.json").read_text())
+    assert stored["guidance_by_objects"] == {"4": {"guidance_scale": 2.0}, "5": {"guidance_scale": 1.5}}
+    code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "out",
+                            "--labels", ",".join(FOUR))
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "labels" / "conditions.json").read_text())
+    assert record["guidance_by_objects"] == stored["guidance_by_objects"]
+    code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "flag",
+                            "--labels", ",".join(FOUR), "--guidance-by-objects", "4:2.5:800")
+    assert code == 0, err
+    record = json.loads((tmp_path / "flag" / "labels" / "conditions.json").read_text())
+    assert record["guidance_by_objects"] == {"4": {"guidance_scale": 2.5, "guidance_max_t": 800}}
+    for bad, message in [("4", "--guidance-by-objects 4: expected K:SCALE or K:SCALE:MAX_T, e.g. 4:2 (requests of "
+                                "4 labels at guidance 2 on every step)"),
+                         ("9:2", "--guidance-by-objects 9:2: K must be between 1 and 6, SCALE between 0 and 20, "
+                                 "MAX_T between 0 and 1000")]:
+        code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "bad",
+                                "--labels", "red sphere", "--guidance-by-objects", bad)
+        assert (code, last_line(err)) == (2, f"error: {message}")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_more_objects_than_composition_serves_is_one_line(composing_pipe, tmp_path):

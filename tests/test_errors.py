@@ -209,7 +209,18 @@ def test_bad_sampling_settings_file(tiny_tokens_model, earlier_samples, tmp_path
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: expected {{"sampler": name, "steps": '
                                          f'integer, "guidance_scale": number, "guidance_max_t": integer, '
-                                         f'"precision": "fp32" or "bf16"}} (each optional)')
+                                         f'"precision": "fp32" or "bf16", "guidance_by_objects": {{"K": '
+                                         f'{{"guidance_scale": number, "guidance_max_t": integer}}}}}} (each optional)')
+    (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_by_objects": {"4": 2}}')
+    code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
+    assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: guidance_by_objects["4"]: expected '
+                                         f'{{"guidance_scale": number, "guidance_max_t": integer}} for requests of a '
+                                         f'number of labels (guidance_max_t optional: every step)')
+    (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_by_objects": '
+                                         '{"4": {"guidance_scale": 30}}}')
+    code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
+    assert (code, last_line(err)) == (2, "error: --guidance-by-objects 4:30: K must be between 1 and 6, SCALE "
+                                         "between 0 and 20, MAX_T between 0 and 1000")
     (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "precision": "fp16"}')
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, "error: unknown precision 'fp16' (choose from fp32, bf16)")
