@@ -2,12 +2,12 @@
 # The main job end to end on generated i-CLEVR-like scenes (no course files needed), in one run folder:
 #   1. render synthetic scenes           -> RUN/data/ (course layout: iclevr/, train.json, test.json, ...)
 #   2. train a course-format evaluator   -> RUN/evaluator.pth
-#   3. fine-tune the shipped tokens-preset DDPM on them -> RUN/model/, RUN/metrics.jsonl, RUN/curves.png
+#   3. fine-tune the shipped tokens-wide DDPM on them -> RUN/model/, RUN/metrics.jsonl, RUN/curves.png
 #   4. sample the two grids + process    -> RUN/samples/
 #   5. score them with 3 seeds           -> RUN/evaluation.json (and the table on screen)
 # About 15 minutes on a 2-core laptop CPU (docs/RESULTS.md). The DDPM trains for DDPM_MINUTES of wall time, not
 # a number of steps: a faster machine trains longer, not shorter. Give the course data with DATA=path/to/data.
-# It starts from pretrained/iclevr-tokens (trained ~4.5 hours on the course images): from scratch (INIT=), the
+# It starts from pretrained/iclevr-tokens (trained ~3.8 hours on the course images): from scratch (INIT=), the
 # DDPM's minutes are far too few to learn the labels on a CPU (docs/RESULTS.md).
 #
 #   bash demo.sh [RUN]          (RUN defaults to runs/demo)
@@ -19,9 +19,9 @@ SCENES=${SCENES:-2000}
 EVALUATOR_EPOCHS=${EVALUATOR_EPOCHS:-3}
 DDPM_MINUTES=${DDPM_MINUTES:-7}
 INIT=${INIT-pretrained/iclevr-tokens}
-# The shipped model's recipe (docs/RESULTS.md, "v-prediction"): v-prediction learns the labels far sooner than
-# epsilon and samples as well in 20 DDIM steps as in 50; guidance only on the steps below t = 500. 50 warm-up
-# steps, not train.py's 500: the 7 minutes are ~200 steps on a slow 2-core CPU. train.py writes its --eval-*
+# The shipped model's recipe (docs/RESULTS.md, "v-prediction", "r9-wide-cont"): v-prediction learns the labels far
+# sooner than epsilon and samples as well in 20 DDIM steps as in 50; guidance 3 on every step. 50 warm-up steps,
+# not train.py's 500: the 7 minutes are only a few hundred steps on a 2-core CPU. train.py writes its --eval-*
 # sampling settings into the model's sampling.json, which sample.py and evaluate.py then use.
 
 mkdir -p "$RUN"
@@ -31,11 +31,10 @@ if [ -z "$DATA" ]; then
 fi
 [ -f "$RUN/evaluator.pth" ] || python evaluator.py train --data-dir "$DATA" --out "$RUN/evaluator.pth" \
   --epochs "$EVALUATOR_EPOCHS"
-python train.py --preset tokens --data-dir "$DATA" --out "$RUN" --resume latest --max-minutes "$DDPM_MINUTES" \
+python train.py --preset tokens-wide --data-dir "$DATA" --out "$RUN" --resume latest --max-minutes "$DDPM_MINUTES" \
   ${INIT:+--init "$INIT"} --batch-size 32 --lr 5e-4 --warmup-steps 50 --lr-schedule constant --ema-decay 0.999 \
   --prediction-type v_prediction --meter-every 50 --evaluator "$RUN/evaluator.pth" --eval-every-minutes 3.5 \
-  --eval-conditions "$DATA/test.json" "$DATA/new_test.json" --eval-sampler ddim --eval-steps 20 --eval-guidance 3 \
-  --eval-guidance-max-t 500
+  --eval-conditions "$DATA/test.json" "$DATA/new_test.json" --eval-sampler ddim --eval-steps 20 --eval-guidance 3
 python sample.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --process \
   --out "$RUN/samples"
 python evaluate.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --seeds 3 \

@@ -32,9 +32,9 @@ from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_mod
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Presets whose training step bf16 autocast makes faster on a CPU with AMX-BF16 (bench/train_throughput.py,
-# docs/RESULTS.md): tokens 1.12x (2x wide 1.6x), small 1.09x, seed 2.8x. tiny (0.80x) and cpu (0.85x) are slower
-# in bf16, so --mixed-precision auto keeps them in fp32.
-CPU_BF16_PRESETS = {"small", "tokens", "seed"}
+# docs/RESULTS.md): tokens 1.12x, tokens-wide 1.6x, small 1.09x, seed 2.8x. tiny (0.80x) and cpu (0.85x) are
+# slower in bf16, so --mixed-precision auto keeps them in fp32.
+CPU_BF16_PRESETS = {"small", "tokens", "tokens-wide", "seed"}
 
 
 class NonFiniteLoss(UserError):
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     model.add_argument("--preset", default="small", choices=list(PRESETS),
                        help="UNet size: seed (report, ~114M), base (GPU), small (CPU, ~3M), cpu (~3M, 4x4 folded "
                             "pixels), tokens (the CPU recipe: object tokens by cross-attention, denoising at 32x32, "
-                            "~4M), tiny and tiny-tokens (tests)")
+                            "~4M), tokens-wide (the same at twice the width, ~17M: the shipped model; best with "
+                            "bf16), tiny and tiny-tokens (tests)")
     model.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                        help="override one field of the preset, e.g. block_out_channels=[32,64,128] or "
                             "resnet_time_scale_shift=scale_shift (repeatable; values are JSON or plain strings)")

@@ -17,8 +17,8 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:?set OUT to the results folder}
 BUNDLE=${BUNDLE:-gpu-bundle}
-PRESET=${PRESET:-tokens}
-MODEL_OPTIONS=${MODEL_OPTIONS:-}   # e.g. "--model-option block_out_channels=[64,128,256]"
+PRESET=${PRESET:-tokens-wide}     # the shipped model's preset; its bundle is the same as tokens' (32x32)
+MODEL_OPTIONS=${MODEL_OPTIONS:-}   # e.g. "--model-option block_out_channels=[96,192,384]"
 MINUTES=${MINUTES:-9}
 # Batch 256 is 8x the CPU recipe's 32; the learning rate grows with its square root (5e-4 x sqrt(8) = 1.4e-3, the
 # usual scaling for Adam), constant after warm-up: the run's length is set by the clock, and EMA averages.

@@ -110,13 +110,14 @@ def plain_step_loss(model, scheduler, x0, labels, generator):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu", "tokens"], help="presets to measure")
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "cpu", "tokens", "tokens-wide"],
+                   help="presets to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each (the median is reported)")
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of every preset, as train.py's --model-option (e.g. "
-                        "block_out_channels=[64,128,256])")
+                        "block_out_channels=[96,192,384])")
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--compile", action="store_true", help="train.py --compile for 'ours'")
     p.add_argument("--json", help="also write the unrounded numbers of every row to this file")

@@ -60,23 +60,32 @@ def test_recipe_table_compares_runs_at_equal_numbers_of_images(tmp_path):
     assert rows["small"] == ["0.200", "0.300"] and rows["big"] == ["-", "0.350"]
 
 
-def test_gpu_rehearsal_runs_from_the_bundle_alone(synthetic_data, tmp_path):
-    """What a lent GPU machine gets: a copy of the checkout with the bundle in it and no ../shared beside it. The
-    run leaves at most 8 files of under 16 MiB, at most 2 folders down, and they turn back into a model folder."""
-    import os
+def copy_of_the_checkout(box):
+    """What the device tool sends: the files git does not ignore, here without .git and with nothing beside it."""
     import shutil
     import subprocess
-    import sys
 
     from conftest import REPO
 
-    box = tmp_path / "box" / "checkout"  # nothing beside it
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.split()
     for name in listed:
         if (REPO / name).is_file():
             (box / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, box / name)
+    return box
+
+
+def test_gpu_rehearsal_runs_from_the_bundle_alone(synthetic_data, tmp_path):
+    """What a lent GPU machine gets: a copy of the checkout with the bundle in it and no ../shared beside it. The
+    run leaves at most 8 files of under 16 MiB, at most 2 folders down, and they turn back into a model folder."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    box = copy_of_the_checkout(tmp_path / "box" / "checkout")
     bundle = run_script("bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny-tokens", "--out",
                         box / "gpu-bundle", "--no-wheels")
     assert bundle.returncode == 0, bundle.stderr
@@ -98,3 +107,19 @@ def test_gpu_rehearsal_runs_from_the_bundle_alone(synthetic_data, tmp_path):
     from model import load_pipeline
     pipe = load_pipeline(tmp_path / "model")
     assert pipe.unet.config.preset == "tiny-tokens" and pipe.sampling_settings["steps"] == 20
+
+
+def test_gpu_bundle_is_refused_where_it_would_not_fit_beside_the_checkout(synthetic_data, tmp_path):
+    """The checkout and the bundle travel together (64 MiB): a checkout grown by 60 MiB leaves no room."""
+    box = copy_of_the_checkout(tmp_path / "checkout")
+    with open(box / "big.bin", "wb") as big:  # a sparse file: its size counts, it costs no disk
+        big.truncate(60 * 2**20)
+    result = run_script(box / "bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny-tokens",
+                        "--out", box / "gpu-bundle", "--no-wheels")
+    error = result.stderr.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert result.returncode == 2 and "left beside the checkout" in error and "the checkout itself is" in error, error
+    assert "Traceback" not in result.stderr and not (box / "gpu-bundle").exists()
+    (box / "big.bin").unlink()
+    result = run_script(box / "bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny-tokens",
+                        "--out", box / "gpu-bundle", "--no-wheels")
+    assert result.returncode == 0 and "to spare beside the checkout" in result.stdout, result.stderr

@@ -9,10 +9,10 @@ from conftest import REAL_DATA, REPO
 
 SHIPPED = sorted(p for p in (REPO / "pretrained").glob("*") if (p / "model_index.json").is_file())
 EVALUATOR = REAL_DATA.parent / "evaluator" / "checkpoint.pth"
-# Accuracy on the 24 one-object requests below, shipped model (r7-objw3 step 8040, v-prediction, with its learned
-# upsampler), its sampling.json (DDIM 20, guidance 3 below t = 500), seeds 0-3: 1.000, 0.958, 1.000, 1.000 (23-24
-# of 24 right; chance is 1 in 24 = 0.042). 0.86 is 2 images fewer than the worst.
-THRESHOLD = 0.86
+# Accuracy on the 24 one-object requests below, shipped model (r9-wide-cont, tokens-wide, v-prediction, with its
+# learned upsampler), its sampling.json (DDIM 20, guidance 3, bf16), seeds 0-3: 1.000 each (24 of 24 right; chance
+# is 1 in 24 = 0.042). 0.9 lets 2 images of 24 go wrong (bf16 falls back to fp32 on a CPU without AMX).
+THRESHOLD = 0.9
 
 
 def test_a_model_is_shipped_small():
@@ -20,10 +20,12 @@ def test_a_model_is_shipped_small():
 
     assert SHIPPED, "pretrained/ holds no model folder"
     for folder in SHIPPED:
-        assert folder_megabytes(folder) <= 12, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
+        # a clone stays quick, and the checkout leaves room for a GPU bundle (23 MiB for tokens) in the 64 MiB
+        # that may travel to a lent machine (bench/gpu_bundle.py)
+        assert folder_megabytes(folder) <= 36, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
         settings = json.loads((folder / "sampling.json").read_text())
-        assert {"sampler", "steps", "guidance_scale"} <= set(settings) <= {"sampler", "steps", "guidance_scale",
-                                                                           "guidance_max_t", "precision"}
+        assert {"sampler", "steps", "guidance_scale"} <= set(settings) <= {
+            "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "precision"}
         card = (folder / "README.md").read_text()  # the model card: what it is, its scores, how to load it
         assert "load_pipeline" in card and "test.json" in card and "How it was trained" in card
         assert (folder / "manifest.json").is_file()
