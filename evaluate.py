@@ -84,7 +84,7 @@ def summarise(per_seed):
 def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, **options):
     """Generate every condition set with every seed and score it: {name: {"seeds": ..., "mean": ...}},
     plus the generated images per name (for the Fréchet distance). `options`: generate's steps, guidance_scale,
-    guidance_max_t, precision, compose_above, guidance_by_objects."""
+    guidance_max_t, precision, compose_above, guidance_by_objects, joint_weight."""
     vocabulary = pipe.unet.vocabulary
     evaluator.check_label_order(vocabulary, "the model")
     results, images = {}, {}
@@ -194,6 +194,9 @@ def parse_args(argv=None):
     p.add_argument("--compose-above", type=int, metavar="N",
                    help="draw requests of more than N labels by composing their N-label sub-requests (default: the "
                         "largest scene the model was trained on; 0: never)")
+    p.add_argument("--joint-weight", type=float, metavar="W",
+                   help="for a composed request, the share of its conditional output that reads the request whole "
+                        "(default: the model folder's, else 0: composition alone)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", default=DEFAULT_CHECKPOINT,
@@ -232,7 +235,7 @@ def main(argv=None):
     else:
         pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
                                           args.guidance_max_t, args.precision,
-                                          parse_guidance_by_objects(args.guidance_by_objects))
+                                          parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         condition_sets = dict(parse_condition_arg(text, pipe.unet.vocabulary, data) for text in sources)
         results, images = evaluate_model(pipe, evaluator, condition_sets, range(args.seeds), args.batch_size,

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
                    help="its guidance for requests of K labels where it differs, e.g. 4:2 (four-label requests at "
                         "scale 2 on every step)")
+    p.add_argument("--joint-weight", type=float, default=0.0,
+                   help="its share of a composed request's conditional output that reads the request whole (0: "
+                        "composition alone)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the UNet's arithmetic it was measured with while sampling (bf16: autocast, used where the "
                         "hardware has fast bf16)")
@@ -65,7 +68,7 @@ def main(argv=None):
     args = parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
     sampling = sampling_settings(args.sampler, steps, args.guidance_scale, args.guidance_max_t, args.precision,
-                                 parse_guidance_by_objects(args.guidance_by_objects))
+                                 parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)

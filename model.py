@@ -312,22 +312,38 @@ class ICLEVRPipeline(DiffusionPipeline):
         """Requests above the largest training scene are composed; a model that does not know it never composes."""
         return getattr(self.unet.config, "trained_objects", None)
 
-    @staticmethod
-    def sub_requests(labels, compose_above):
-        """The label vectors the UNet is asked for, one row each, and the request each belongs to: a request of at
-        most `compose_above` labels is itself (joint sampling, as always); a larger one is each of its subsets of
-        `compose_above` labels. -> (rows, owner)"""
-        rows, owner = [], []
-        for request, vector in enumerate(labels):
-            present = vector.nonzero().flatten().tolist()
-            subsets = [present] if not compose_above or len(present) <= compose_above else \
-                itertools.combinations(present, compose_above)
+    def readable_objects(self, count):
+        """The most labels of a request the UNet reads at once: all of them, or its object tokens' limit."""
+        return min(count, getattr(self.unet.config, "max_objects", None) or count)
+
+    def sub_requests(self, labels, compose_above, joint_weight=0.0):
+        """The label vectors the UNet is asked for, one row each, the request each belongs to, and its weight in
+        that request's conditional output: a request of at most `compose_above` labels is itself (joint sampling,
+        as always, weight 1); a larger one is each of its subsets of `compose_above` labels, sharing the weight
+        1 - joint_weight, and, for joint_weight > 0, the request read as whole as the UNet can (itself, or its
+        subsets of max_objects labels) sharing joint_weight. -> (rows, owner, weights)"""
+        rows, owner, weights = [], [], []
+
+        def add(request, vector, subsets, weight):
+            subsets = list(subsets)
             for subset in subsets:
                 row = torch.zeros_like(vector)
                 row[list(subset)] = vector[list(subset)]
                 rows.append(row)
                 owner.append(request)
-        return torch.stack(rows), torch.tensor(owner, device=labels.device)
+                weights.append(weight / len(subsets))
+
+        for request, vector in enumerate(labels):
+            present = vector.nonzero().flatten().tolist()
+            if not compose_above or len(present) <= compose_above:
+                add(request, vector, [present], 1.0)
+                continue
+            add(request, vector, itertools.combinations(present, compose_above), 1.0 - joint_weight)
+            if joint_weight:
+                add(request, vector, itertools.combinations(present, self.readable_objects(len(present))),
+                    joint_weight)
+        return (torch.stack(rows), torch.tensor(owner, device=labels.device),
+                torch.tensor(weights, device=labels.device))
 
     def clean_estimate(self, output, t, x):
         """The clean image the model's output at timestep t implies (DDPM's and DDIM's pred_original_sample,
@@ -352,11 +368,12 @@ class ICLEVRPipeline(DiffusionPipeline):
         scales = [scale if max_t is None or t < max_t else 1.0 for scale, max_t in guidance]
         return scales[0] if len(set(scales)) == 1 else scales
 
-    def predict(self, x, t, rows, owner, guidance_scale, precision="fp32"):
-        """The UNet's output at t for each sample in x, as float32 (in bf16 autocast for precision "bf16"): the mean
-        of its sub-requests' outputs (`rows`, of sample `owner`; one per sample for joint sampling), guided as
-        eps = eps_uncond + scale * (mean eps_cond - eps_uncond), which for composed requests is Composable
-        Diffusion's conjunction with the weight spread over the sub-requests. `guidance_scale`: one number, or one
+    def predict(self, x, t, rows, owner, weights, guidance_scale, precision="fp32"):
+        """The UNet's output at t for each sample in x, as float32 (in bf16 autocast for precision "bf16"): the
+        weighted sum of its sub-requests' outputs (`rows`, of sample `owner`, `weights` summing to 1 per sample;
+        one per sample for joint sampling), guided as eps = eps_uncond + scale * (sum w eps_cond - eps_uncond),
+        which for composed requests is Composable Diffusion's conjunction with the weight spread over the
+        sub-requests. `guidance_scale`: one number, or one
         per sample (a sample at scale 1 then gets its conditional output exactly, as when no sample is guided)."""
         joint = len(rows) == len(x)  # then owner is 0..n-1: the arithmetic of plain joint sampling, bit for bit
         inputs = x if joint else x[owner]
@@ -368,9 +385,8 @@ class ICLEVRPipeline(DiffusionPipeline):
                                  torch.cat([rows, torch.zeros_like(rows[:len(x)])]))
         conditional, unconditional = both.float()[:len(inputs)], both.float()[len(inputs):]
         if not joint:
-            counts = torch.bincount(owner, minlength=len(x)).to(conditional.dtype)
-            conditional = torch.zeros_like(x, dtype=conditional.dtype).index_add_(0, owner, conditional)
-            conditional = conditional / counts[:, None, None, None]
+            weighted = conditional * weights.to(conditional.dtype)[:, None, None, None]
+            conditional = torch.zeros_like(x, dtype=conditional.dtype).index_add_(0, owner, weighted)
         if guidance_scale == 1.0:
             return conditional
         if isinstance(guidance_scale, list):
@@ -381,10 +397,12 @@ class ICLEVRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, conditions, num_inference_steps=None, guidance_scale=1.0, generator=None,
                  output_type="pil", batch_size=64, callback=None, guidance_max_t=None, precision="fp32",
-                 compose_above="auto", guidance_by_objects=None):
+                 compose_above="auto", guidance_by_objects=None, joint_weight=0.0):
         """output_type: "pil", "np" (uint8 HxWx3) or "pt" (float Bx3xHxW in [-1, 1]).
         compose_above: requests with more labels are drawn by composing their sub-requests of this many labels
         ("auto": the model's trained_objects; None or 0: never).
+        joint_weight: the share of a composed request's conditional output that reads the request whole (as far as
+        the UNet reads: its max_objects tokens); the composed sub-requests share the rest (0: composition alone).
         guidance_by_objects: {K: (scale, max_t)}, the guidance of requests of K labels where it differs from
         guidance_scale and guidance_max_t (composed requests may want another; max_t None: every step).
         callback(step_index, timestep, sample, clean_estimate) sees, before each step, the noisy sample the model
@@ -400,13 +418,13 @@ class ICLEVRPipeline(DiffusionPipeline):
         images = []
         for start in range(0, len(labels), batch_size):
             x = noise[start:start + batch_size]
-            rows, owner = self.sub_requests(labels[start:start + batch_size], compose_above)
+            rows, owner, weights = self.sub_requests(labels[start:start + batch_size], compose_above, joint_weight)
             rows = rows.to(self.unet.dtype)
             guidance = self.request_guidance(labels[start:start + batch_size], guidance_scale, guidance_max_t,
                                              guidance_by_objects)
             self.scheduler.set_timesteps(steps, device=self.device)
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                output = self.predict(x, t, rows, owner, self.step_guidance(guidance, t), precision)
+                output = self.predict(x, t, rows, owner, weights, self.step_guidance(guidance, t), precision)
                 if callback is not None:
                     callback(i, t, x, self.clean_estimate(output, t, x))
                 x = self.scheduler.step(output, t, x, generator=generator).prev_sample
@@ -471,18 +489,20 @@ def write_sampling_settings(folder, settings):
 
 def read_sampling_settings(folder):
     """The folder's sampling.json: {"sampler": ..., "steps": ..., "guidance_scale": ..., "guidance_max_t": ...,
-    "precision": ..., "guidance_by_objects": {"K": {"guidance_scale": ..., "guidance_max_t": ...}}}, each optional."""
+    "precision": ..., "guidance_by_objects": {"K": {"guidance_scale": ..., "guidance_max_t": ...}},
+    "joint_weight": ...}, each optional."""
     path = Path(folder) / SAMPLING_FILE
     if not path.is_file():
         return {}
     settings = read_json(path, "sampling settings file")
     expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str,
-                "guidance_by_objects": dict}
+                "guidance_by_objects": dict, "joint_weight": (int, float)}
     if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
                                              for k, kind in expected.items()):
         raise UserError(f'{path}: expected {{"sampler": name, "steps": integer, "guidance_scale": number, '
                         f'"guidance_max_t": integer, "precision": "fp32" or "bf16", "guidance_by_objects": '
-                        f'{{"K": {{"guidance_scale": number, "guidance_max_t": integer}}}}}} (each optional)')
+                        f'{{"K": {{"guidance_scale": number, "guidance_max_t": integer}}}}, "joint_weight": number}} '
+                        f'(each optional)')
     for count, entry in settings.get("guidance_by_objects", {}).items():
         if not (count.isdigit() and isinstance(entry, dict) and isinstance(entry.get("guidance_scale"), (int, float))
                 and set(entry) <= {"guidance_scale", "guidance_max_t"}

@@ -39,7 +39,7 @@ def pick_device(name=None):
 
 
 def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                            guidance_by_objects=None):
+                            guidance_by_objects=None, joint_weight=0.0):
     """Refuse a sampler, step count, guidance setting or precision out of range (from a flag or a sampling.json)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
@@ -52,6 +52,8 @@ def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None,
                         f"1 means no guidance)")
     if guidance_max_t is not None and not 0 <= guidance_max_t <= 1000:
         raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
+    if not 0 <= joint_weight <= 1:
+        raise UserError(f"--joint-weight must be between 0 and 1 (got {joint_weight:g}; 0: composition alone)")
     for count, entry in (guidance_by_objects or {}).items():
         scale, max_t = entry["guidance_scale"], entry.get("guidance_max_t")
         in_range = max_t is None or 0 <= max_t <= 1000
@@ -81,15 +83,18 @@ def parse_guidance_by_objects(texts):
 
 
 def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                      guidance_by_objects=None):
+                      guidance_by_objects=None, joint_weight=0.0):
     """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited,
-    guidance_by_objects only when there is one, precision only when it is not fp32)."""
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects)
+    guidance_by_objects only when there is one, joint_weight only when not 0, precision only when not fp32)."""
+    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
+                            joint_weight)
     settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
     if guidance_max_t is not None:
         settings["guidance_max_t"] = guidance_max_t
     if guidance_by_objects:
         settings["guidance_by_objects"] = {k: guidance_by_objects[k] for k in sorted(guidance_by_objects, key=int)}
+    if joint_weight:
+        settings["joint_weight"] = joint_weight
     return settings if precision == "fp32" else {**settings, "precision": precision}
 
 
@@ -103,14 +108,15 @@ def describe_guidance(guidance_scale, guidance_max_t=None, guidance_by_objects=N
 
 
 def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
-                     precision=None, guidance_by_objects=None):
+                     precision=None, guidance_by_objects=None, joint_weight=None):
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
-    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count, fp32). bf16 where the
-    hardware has no fast bf16 (a CPU without AMX) is fp32, with a note.
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "precision"]})"""
+    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32).
+    bf16 where the hardware has no fast bf16 (a CPU without AMX) is fp32, with a note.
+    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
+               [, "precision"]})"""
     check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t, precision or "fp32", guidance_by_objects)
+                            guidance_max_t, precision or "fp32", guidance_by_objects, joint_weight or 0.0)
     pipe = load_pipeline(model, pick_device(device))
     saved = pipe.sampling_settings
     sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
@@ -122,24 +128,30 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         guidance_max_t = saved.get("guidance_max_t")
     if guidance_by_objects is None:
         guidance_by_objects = saved.get("guidance_by_objects")
+    if joint_weight is None:
+        joint_weight = float(saved.get("joint_weight", 0.0))
     precision = precision or saved.get("precision", "fp32")
     if precision == "bf16" and not fast_bf16(pipe.device.type):
         warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 on a CPU): sampling in fp32")
         precision = "fp32"
-    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects)
+    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
+                                 joint_weight)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
     return pipe, settings
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
-             guidance_max_t=None, precision="fp32", compose_above="auto", guidance_by_objects=None):
+             guidance_max_t=None, precision="fp32", compose_above="auto", guidance_by_objects=None,
+             joint_weight=0.0):
     """uint8 images (N, 64, 64, 3); the same seed and settings give the same images. Requests with more labels
-    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests; requests of K
-    labels take the guidance guidance_by_objects[K] = (scale, max_t) where it has one."""
+    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests, with the
+    request read whole at `joint_weight`; requests of K labels take the guidance guidance_by_objects[K] =
+    (scale, max_t) where it has one."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
     return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                 output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t,
-                precision=precision, compose_above=compose_above, guidance_by_objects=guidance_by_objects).images
+                precision=precision, compose_above=compose_above, guidance_by_objects=guidance_by_objects,
+                joint_weight=joint_weight).images
 
 
 def grid_image(images_uint8, nrow=8):
@@ -268,6 +280,10 @@ def parse_args(argv=None):
                    help="draw requests of more than N labels by composing their N-label sub-requests, one batched "
                         "pass per step (default: the largest scene the model was trained on, 3 for i-CLEVR, so "
                         "that 4 to 6 objects can be asked for; 0: never, joint sampling of every request)")
+    p.add_argument("--joint-weight", type=float, metavar="W",
+                   help="for a composed request, the share of its conditional output that reads the request whole "
+                        "(as far as the model reads: 4 object tokens), the rest shared by its sub-requests; 0: "
+                        "composition alone (default: the model folder's, else 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -291,7 +307,7 @@ def main(argv=None):
     args = parse_args(argv)
     pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
                                       args.guidance_max_t, args.precision,
-                                      parse_guidance_by_objects(args.guidance_by_objects))
+                                      parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
     options = generation_options(sampling, args.compose_above)
     vocabulary = pipe.unet.vocabulary
     jobs = {}

@@ -30,14 +30,25 @@ def draw(pipe, conditions, seed=0, **options):
                 generator=torch.Generator().manual_seed(seed), **options).images
 
 
-def test_sub_requests_are_the_subsets_of_the_trained_size(vocabulary):
+def test_sub_requests_are_the_subsets_of_the_trained_size(composing_pipe, vocabulary):
     labels = vocabulary.encode_all([FOUR, WITHIN[1]])
-    rows, owner = model_lib.ICLEVRPipeline.sub_requests(labels, 3)
+    rows, owner, weights = composing_pipe.sub_requests(labels, 3)
     assert owner.tolist() == [0, 0, 0, 0, 1]
     assert rows.sum(1).tolist() == [3, 3, 3, 3, 2]
     assert torch.equal(rows[:4].sum(0), 3 * labels[0])  # each of the 4 labels in 3 of the 4 subsets
     assert torch.equal(rows[4], labels[1])
-    assert len(model_lib.ICLEVRPipeline.sub_requests(vocabulary.encode_all([FIVE]), 3)[0]) == 10  # C(5, 3)
+    assert weights.tolist() == [0.25, 0.25, 0.25, 0.25, 1.0]  # the mean of the subsets; a joint request alone
+    assert len(composing_pipe.sub_requests(vocabulary.encode_all([FIVE]), 3)[0]) == 10  # C(5, 3)
+
+
+def test_the_joint_weight_adds_the_request_read_as_whole_as_the_model_reads(composing_pipe, vocabulary):
+    rows, owner, weights = composing_pipe.sub_requests(vocabulary.encode_all([FOUR, WITHIN[1]]), 3, 0.2)
+    assert owner.tolist() == [0, 0, 0, 0, 0, 1]
+    assert torch.equal(rows[4], vocabulary.encode_all([FOUR])[0])  # 4 object tokens: the whole request
+    assert torch.allclose(weights, torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 1.0]))
+    rows, owner, weights = composing_pipe.sub_requests(vocabulary.encode_all([FIVE]), 3, 0.5)
+    assert rows.sum(1).tolist() == [3] * 10 + [4] * 5  # 5 labels: its 4-label subsets, the most tokens read
+    assert torch.allclose(weights, torch.tensor([0.05] * 10 + [0.1] * 5))
 
 
 def test_four_and_five_objects_are_drawn_deterministically_and_follow_their_labels(composing_pipe):
@@ -74,6 +85,35 @@ def test_a_guidance_per_object_count_changes_only_those_requests(composing_pipe)
     assert np.abs(own[:3].astype(int) - common[:3]).max() <= 1
     same = draw(composing_pipe, both, guidance_by_objects={4: (3.0, 500)})  # the common setting, spelled out
     assert np.array_equal(same, common)
+
+
+def test_the_joint_weight_changes_composed_requests_only(composing_pipe):
+    both = [*WITHIN, FOUR, FIVE]
+    alone, mixed = draw(composing_pipe, both), draw(composing_pipe, both, joint_weight=0.25)
+    assert np.array_equal(mixed[:3], alone[:3])  # joint requests: their own rows, bit for bit
+    assert not np.array_equal(mixed[3], alone[3]) and not np.array_equal(mixed[4], alone[4])
+    assert np.array_equal(mixed, draw(composing_pipe, both, joint_weight=0.25))
+
+
+def test_sampling_json_carries_the_joint_weight(composing_pipe, tmp_path):
+    composing_pipe.save_pretrained(tmp_path / "model")
+    code, _, err = run_main("export.py", tmp_path / "model", tmp_path / "shipped", "--steps", 2,
+                            "--guidance-scale", 3, "--joint-weight", 0.25)
+    assert code == 0, err
+    assert json.loads((tmp_path / "shipped" / "sampling.json").read_text())["joint_weight"] == 0.25
+    code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "out",
+                            "--labels", ",".join(FOUR))
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "labels" / "conditions.json").read_text())["joint_weight"] == 0.25
+    code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "off",
+                            "--labels", ",".join(FOUR), "--joint-weight", 0)
+    assert code == 0, err
+    assert "joint_weight" not in json.loads((tmp_path / "off" / "labels" / "conditions.json").read_text())
+    code, _, err = run_main("sample.py", "--model", tmp_path / "shipped", "--out", tmp_path / "bad",
+                            "--labels", ",".join(FOUR), "--joint-weight", 1.5)
+    assert (code, last_line(err)) == (2, "error: --joint-weight must be between 0 and 1 (got 1.5; 0: composition "
+                                         "alone)")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sampling_json_carries_the_guidance_per_object_count(composing_pipe, tmp_path):

@@ -25,7 +25,7 @@ def test_a_model_is_shipped_small():
         assert folder_megabytes(folder) <= 36, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
         settings = json.loads((folder / "sampling.json").read_text())
         assert {"sampler", "steps", "guidance_scale"} <= set(settings) <= {
-            "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "precision"}
+            "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "joint_weight", "precision"}
         card = (folder / "README.md").read_text()  # the model card: what it is, its scores, how to load it
         assert "load_pipeline" in card and "test.json" in card and "How it was trained" in card
         assert (folder / "manifest.json").is_file()
