@@ -210,7 +210,8 @@ def test_bad_sampling_settings_file(tiny_tokens_model, earlier_samples, tmp_path
     assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: expected {{"sampler": name, "steps": '
                                          f'integer, "guidance_scale": number, "guidance_max_t": integer, '
                                          f'"precision": "fp32" or "bf16", "guidance_by_objects": {{"K": '
-                                         f'{{"guidance_scale": number, "guidance_max_t": integer}}}}}} (each optional)')
+                                         f'{{"guidance_scale": number, "guidance_max_t": integer}}}}, "joint_weight": '
+                                         f'number}} (each optional)')
     (model / "sampling.json").write_text('{"sampler": "ddim", "steps": 2, "guidance_by_objects": {"4": 2}}')
     code, _, err = run_main("sample.py", "--model", model, "--out", earlier_samples, "--labels", "red sphere")
     assert (code, last_line(err)) == (2, f'error: {model}/sampling.json: guidance_by_objects["4"]: expected '
