@@ -373,8 +373,8 @@ class ICLEVRPipeline(DiffusionPipeline):
         weighted sum of its sub-requests' outputs (`rows`, of sample `owner`, `weights` summing to 1 per sample;
         one per sample for joint sampling), guided as eps = eps_uncond + scale * (sum w eps_cond - eps_uncond),
         which for composed requests is Composable Diffusion's conjunction with the weight spread over the
-        sub-requests. `guidance_scale`: one number, or one
-        per sample (a sample at scale 1 then gets its conditional output exactly, as when no sample is guided)."""
+        sub-requests. `guidance_scale`: one number, or one per sample (a sample at scale 1 then gets its
+        conditional output exactly, as when no sample is guided)."""
         joint = len(rows) == len(x)  # then owner is 0..n-1: the arithmetic of plain joint sampling, bit for bit
         inputs = x if joint else x[owner]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
