@@ -187,6 +187,7 @@ def split_off_scenes(filenames, count, seed=0):
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Images
 
@@ -206,6 +207,11 @@ class TrainingSet:
     def subset(self, indices):
         return TrainingSet(self.images[indices], self.labels[indices], [self.filenames[i] for i in indices],
                            [self.label_lists[i] for i in indices], self.vocabulary, self.data_dir)
+
+    def joined(self, other):
+        return TrainingSet(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]),
+                           self.filenames + other.filenames, self.label_lists + other.label_lists, self.vocabulary,
+                           self.data_dir)
 
 
 def read_image(path, size=IMAGE_SIZE):
@@ -358,3 +364,74 @@ def batch_indices(num_items, batch_size, seed, step, rank=0, world_size=1):
     epoch, position = divmod(step, steps_per_epoch)
     start = (position * world_size + rank) * batch_size
     return epoch_order(num_items, seed, epoch)[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Composite scenes: one object more than the data shows
+
+OBJECT_THRESHOLD = 24  # summed |RGB| change that marks a pixel as part of an added object or its shadow
+FLOOR_TOLERANCE = 40  # largest summed |RGB| gap allowed between two scenes' floors around a pasted object
+STEP_PATTERN = re.compile(r"^(.*_)(\d+)\.png$")
+
+
+def added_objects(filenames, label_lists):
+    """(before, after, label) for every image that adds one object to the image before it in its scene: the
+    pixels that changed between the two are that object and its shadow."""
+    position = {name: i for i, name in enumerate(filenames)}
+    steps = []
+    for after, name in enumerate(filenames):
+        match = STEP_PATTERN.match(name)  # SCENE_k.png follows SCENE_(k-1).png
+        before = position.get(f"{match.group(1)}{int(match.group(2)) - 1}.png") if match else None
+        if before is None:
+            continue
+        added = set(label_lists[after]) - set(label_lists[before])
+        if len(added) == 1 and len(label_lists[after]) == len(label_lists[before]) + 1:
+            steps.append((before, after, added.pop()))
+    return steps
+
+
+def composite_scenes(data, count, seed=0, batch=256):
+    """`count` images of one object more than the data's largest scenes, as a TrainingSet: a largest-scene image
+    with an object pasted in from another scene, at the place that scene added it. i-CLEVR renders every scene
+    from one camera under one light, so an object and its shadow fit wherever the floor under and around them
+    matches in both scenes; a paste is kept only where it does (FLOOR_TOLERANCE), so it covers no object of the
+    scene it joins. The pasted label is always a new one: labels do not repeat within a scene."""
+    steps = added_objects(data.filenames, data.label_lists)
+    if not steps:
+        raise UserError("composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), "
+                        "one object added each time; this data has none")
+    objects = data.labels.sum(1)
+    bases = np.flatnonzero(objects == objects.max())
+    grow = max(1, data.images.shape[1] // 21)  # the margin of floor that must match: 3 pixels at 64
+    rng = np.random.default_rng(seed)
+    images, label_lists = [], []
+    with tqdm(total=count, desc="composite scenes", unit="img", leave=False) as bar:
+        for _ in range(max(1, count) * 1000 // batch):  # about 1 paste in 8 fits: never loops for ever
+            if len(images) >= count:
+                break
+            base = rng.choice(bases, batch)
+            before, after, label = zip(*(steps[i] for i in rng.integers(len(steps), size=batch)))
+            base_images = data.images[base].astype(np.int16)
+            before_images = data.images[list(before)].astype(np.int16)
+            after_images = data.images[list(after)].astype(np.int16)
+            changed = np.abs(after_images - before_images).sum(-1) > OBJECT_THRESHOLD
+            mask = torch.from_numpy(changed)[:, None].float()
+            around = torch.nn.functional.max_pool2d(mask, 2 * grow + 1, 1, grow)[:, 0].numpy() > 0
+            floor_gap = np.where(around, np.abs(base_images - before_images).sum(-1), 0).max((1, 2))
+            # soft edges: the changed pixels grown by one, then blurred by one
+            alpha = torch.nn.functional.avg_pool2d(torch.nn.functional.max_pool2d(mask, 3, 1, 1), 3, 1, 1)
+            alpha = alpha[:, 0, ..., None].numpy()
+            for k in np.flatnonzero(changed.any((1, 2)) & (floor_gap < FLOOR_TOLERANCE)):
+                if len(images) == count:
+                    break
+                if label[k] in data.label_lists[base[k]]:
+                    continue
+                pasted = base_images[k] * (1 - alpha[k]) + after_images[k] * alpha[k]
+                images.append(np.clip(pasted, 0, 255).round().astype(np.uint8))
+                label_lists.append(list(data.label_lists[base[k]]) + [label[k]])
+                bar.update()
+    if len(images) < count:
+        raise UserError(f"only {len(images)} of {count} composite scenes found a place to paste their object")
+    labels = np.stack([data.vocabulary.encode(names) for names in label_lists])
+    filenames = [f"composite_{i:06d}.png" for i in range(count)]
+    return TrainingSet(np.stack(images), labels, filenames, label_lists, data.vocabulary, data.data_dir)

@@ -54,6 +54,11 @@ def parse_args(argv=None):
     data.add_argument("--cache-dir", default=str(dataset.DEFAULT_CACHE_DIR),
                       help="where decoded images are cached (default: $ICLEVR_CACHE_DIR or ~/.cache/iclevr-ddpm)")
     data.add_argument("--no-flip", action="store_true", help="do not mirror training images at random")
+    data.add_argument("--composite-scenes", type=int, default=0, metavar="N",
+                      help="add N training images of one object more than the data's largest scenes (4 on "
+                           "i-CLEVR), each a largest scene with an object of another training scene pasted in "
+                           "(dataset.composite_scenes): the model then draws that many objects jointly, and "
+                           "composes only beyond (default 0: the data as it is)")
 
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
@@ -157,6 +162,8 @@ def parse_args(argv=None):
         p.error("--timestep-power must be positive")
     if args.meter_every < 0:
         p.error("--meter-every must be 0 (off) or more")
+    if args.composite_scenes < 0:
+        p.error("--composite-scenes must be 0 (none) or more")
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     return args
@@ -299,6 +306,13 @@ def split_meter_scenes(data, args):
     return (data.subset(kept), data.subset(held)) if len(held) else (data, None)
 
 
+def add_composite_scenes(data, args):
+    """The training set plus --composite-scenes pasted from its own scenes (never from the meter's)."""
+    if not args.composite_scenes:
+        return data
+    return data.joined(dataset.composite_scenes(data, args.composite_scenes, seed=args.seed))
+
+
 def check_object_counts(model):
     """An object-token model reads at most max_objects labels per image: more would be silently dropped."""
     limit, most = getattr(model.config, "max_objects", None), model.config.trained_objects
@@ -420,6 +434,7 @@ def train(args, accelerator, run_dir, stop):
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
+    data = add_composite_scenes(data, args)
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     evaluation = Evaluation(args, data, precision) if (args.eval_every or args.eval_every_minutes) and is_main else None
     sampling = evaluation.sampling_settings if evaluation else None

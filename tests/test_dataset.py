@@ -200,3 +200,26 @@ def test_a_data_folder_may_hold_its_images_packed(synthetic_data, tmp_path):
     with pytest.raises(UserError, match=r"iclevr.npz: 1 image\(s\) of train.json are not in it, e.g. "
                                         r"CLEVR_train_999999_0.png"):
         dataset.load_training_set(folder)
+
+
+def test_composite_scenes_paste_one_new_object_into_a_largest_scene(synthetic_data):
+    """Each composite is a 3-object training image, unchanged but for one pasted patch, with a fourth label it did
+    not have; the same seed gives the same composites."""
+    data = dataset.load_training_set(synthetic_data)
+    composites = dataset.composite_scenes(data, 12, seed=0)
+    assert composites.images.shape == (12, 64, 64, 3) and composites.labels.sum(1).tolist() == [4.0] * 12
+    bases = np.flatnonzero(data.labels.sum(1) == 3)
+    for image, labels in zip(composites.images, composites.label_lists):
+        same = (data.images[bases] == image).all(-1).mean((1, 2))
+        base = bases[same.argmax()]
+        assert 0.8 < same.max() < 1.0  # a local paste, not a copy and not a blend of whole images
+        assert labels[:3] == data.label_lists[base] and labels[3] not in labels[:3]
+    again = dataset.composite_scenes(data, 12, seed=0)
+    assert np.array_equal(again.images, composites.images) and again.label_lists == composites.label_lists
+    assert not np.array_equal(dataset.composite_scenes(data, 12, seed=1).images, composites.images)
+
+
+def test_real_composite_scenes(real_data, tmp_path_factory):
+    data = dataset.load_training_set(real_data, cache_dir=tmp_path_factory.mktemp("cache"))
+    composites = dataset.composite_scenes(data, 64, seed=0)
+    assert all(len(set(labels)) == 4 for labels in composites.label_lists)

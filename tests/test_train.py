@@ -351,3 +351,28 @@ def test_auto_precision_is_bf16_only_where_it_is_faster(tiny_run, synthetic_data
     assert result.returncode == 0, result.stderr
     used = json.loads((tmp_path / "tokens" / "config.json").read_text())["precision_used"]
     assert used == ("bf16" if fast_bf16("cpu") else "no")
+
+
+def test_composite_scenes_teach_one_object_more(synthetic_data, tmp_path):
+    """--composite-scenes adds 4-object images: the model records 4 as its largest training scene, so it draws
+    4-object requests jointly and composes only beyond."""
+    from model import load_pipeline
+
+    plain = json.loads((synthetic_data / "train.json").read_text())
+    result = train(synthetic_data, tmp_path / "composite", "--preset", "tiny-tokens", "--max-steps", 1,
+                   "--composite-scenes", 16, "--meter-every", 0)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "composite" / "config.json").read_text())
+    assert config["training_images"] == len(plain) + 16
+    assert load_pipeline(tmp_path / "composite" / "model").unet.config.trained_objects == 4
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--composite-scenes", -1)
+    assert code == 2 and last_line(err).endswith("error: --composite-scenes must be 0 (none) or more")
+    last_images = tmp_path / "last.json"  # each scene's last image only: no object added in view
+    last_images.write_text(json.dumps({name: labels for name, labels in plain.items() if name.endswith("_2.png")}))
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--train-json", last_images, "--out",
+                            tmp_path / "last", *TINY, "--composite-scenes", 16)
+    assert code == 2 and last_line(err) == (
+        "error: composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), one object "
+        "added each time; this data has none")
+    assert not (tmp_path / "last" / "checkpoints").exists()
