@@ -7,7 +7,7 @@
 #   5. score them with 3 seeds           -> RUN/evaluation.json (and the table on screen)
 # About 15 minutes on a 2-core laptop CPU (docs/RESULTS.md). The DDPM trains for DDPM_MINUTES of wall time, not
 # a number of steps: a faster machine trains longer, not shorter. Give the course data with DATA=path/to/data.
-# It starts from pretrained/iclevr-tokens (trained ~3.8 hours on the course images): from scratch (INIT=), the
+# It starts from pretrained/iclevr-tokens (trained ~4.6 hours on the course images): from scratch (INIT=), the
 # DDPM's minutes are far too few to learn the labels on a CPU (docs/RESULTS.md).
 #
 #   bash demo.sh [RUN]          (RUN defaults to runs/demo)
