@@ -149,7 +149,7 @@ def scene_object_conditions(filenames, label_lists, count, objects, seed):
 # ---------------------------------------------------------------------------------------------------------
 # Scenes and the held-out split
 
-SCENE_PATTERN = re.compile(r"^(.*_\d+)_\d+\.png$")
+SCENE_PATTERN = re.compile(r"^(.*_\d+)_(\d+)\.png$")  # (scene, step): one object added each step
 
 
 def scene_of(filename):
@@ -185,7 +185,6 @@ def split_off_scenes(filenames, count, seed=0):
     threshold = positions[order[min(count, len(order)) - 1]]
     held = positions <= threshold  # whole scenes: every image of the last scene shares its position
     return np.flatnonzero(~held), np.flatnonzero(held)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,7 +370,6 @@ def batch_indices(num_items, batch_size, seed, step, rank=0, world_size=1):
 
 OBJECT_THRESHOLD = 24  # summed |RGB| change that marks a pixel as part of an added object or its shadow
 FLOOR_TOLERANCE = 40  # largest summed |RGB| gap allowed between two scenes' floors around a pasted object
-STEP_PATTERN = re.compile(r"^(.*_)(\d+)\.png$")
 
 
 def added_objects(filenames, label_lists):
@@ -380,8 +378,8 @@ def added_objects(filenames, label_lists):
     position = {name: i for i, name in enumerate(filenames)}
     steps = []
     for after, name in enumerate(filenames):
-        match = STEP_PATTERN.match(name)  # SCENE_k.png follows SCENE_(k-1).png
-        before = position.get(f"{match.group(1)}{int(match.group(2)) - 1}.png") if match else None
+        match = SCENE_PATTERN.match(name)  # SCENE_k.png follows SCENE_(k-1).png
+        before = position.get(f"{match.group(1)}_{int(match.group(2)) - 1}.png") if match else None
         if before is None:
             continue
         added = set(label_lists[after]) - set(label_lists[before])
