@@ -6,6 +6,7 @@ command-line scripts print as one line.
 """
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ DEFAULT_DATA_DIR = os.environ.get("ICLEVR_DATA_DIR", "data")
 SYNTHETIC = "synthetic"  # --data-dir value that asks for generated scenes instead of the course files
 IMAGE_SIZE = 64
 PACK = "iclevr.npz"  # a data folder may hold its images packed in one file instead of iclevr/ (bench/gpu_bundle.py)
+JPEG_MAX_WIDTH = 65_500  # pixels: a JPEG image is at most 65,535 wide
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,19 +289,46 @@ def cached_images(image_dir, filenames, cache_dir=DEFAULT_CACHE_DIR, size=IMAGE_
     return images
 
 
-def write_pack(path, filenames, images):
-    """Images (N, S, S, 3 uint8) and their filenames in one compressed file, read back by load_training_set."""
+def write_pack(path, filenames, images, jpeg_quality=None):
+    """Images (N, S, S, 3 uint8) and their filenames in one file, read back by load_training_set: exact (zlib), or
+    with `jpeg_quality` as JPEG with full-resolution colour (4:4:4). The JPEG images stand side by side in strips,
+    one header per strip instead of one per image (half the size of 64-pixel i-CLEVR images); with S a multiple of
+    8, no 8x8 DCT block spans two images, so each decodes to the pixels its own JPEG file would."""
+    arrays = {"filenames": np.array(filenames)}
+    if jpeg_quality is None:
+        arrays["images"] = images
+    else:
+        per_strip = JPEG_MAX_WIDTH // images.shape[2]
+        strips = [jpeg_strip(images[start:start + per_strip], jpeg_quality)
+                  for start in range(0, len(images), per_strip)]
+        arrays.update(jpeg=np.frombuffer(b"".join(strips), np.uint8), jpeg_ends=np.cumsum([len(s) for s in strips]))
     with replacing(path) as temp:
         with open(temp, "wb") as f:
-            np.savez_compressed(f, filenames=np.array(filenames), images=images)
+            np.savez_compressed(f, **arrays)
+
+
+def jpeg_strip(images, quality):
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(buffer, "JPEG", quality=quality, subsampling=0,
+                                                                optimize=True)
+    return buffer.getvalue()
+
+
+def unpack_jpeg(data, ends):
+    """The images of a JPEG pack's strips, in order (each strip is S high, its images S wide)."""
+    strips = [np.asarray(Image.open(io.BytesIO(data[start:end].tobytes())).convert("RGB"))
+              for start, end in zip([0, *ends[:-1]], ends)]
+    size = strips[0].shape[0]
+    return np.stack([image for strip in strips for image in np.split(strip, strip.shape[1] // size, axis=1)])
 
 
 def read_pack(path, filenames):
     """The packed images of `filenames`, in that order."""
     try:
         with np.load(path) as pack:
-            names, images = pack["filenames"].tolist(), pack["images"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            names = pack["filenames"].tolist()
+            images = unpack_jpeg(pack["jpeg"], pack["jpeg_ends"]) if "jpeg" in pack else pack["images"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnidentifiedImageError) as error:
         raise UserError(f"{path}: not a readable image pack ({str(error)[:120]})")
     position = {name: i for i, name in enumerate(names)}
     missing = [name for name in filenames if name not in position]

@@ -202,6 +202,29 @@ def test_a_data_folder_may_hold_its_images_packed(synthetic_data, tmp_path):
         dataset.load_training_set(folder)
 
 
+def test_a_jpeg_pack_decodes_each_image_as_its_own_jpeg_file_would(synthetic_data, tmp_path, monkeypatch):
+    """The 64-pixel pack (gpu_bundle.py): JPEG strips of images side by side, here 3 to a strip so that strips end
+    mid-set; every image decodes to the pixels of its own JPEG file, and the folder reads like any data folder."""
+    import io
+    import shutil
+
+    data = dataset.load_training_set(synthetic_data)
+    monkeypatch.setattr(dataset, "JPEG_MAX_WIDTH", 3 * 64 + 10)
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    for name in ("train.json", "objects.json"):
+        shutil.copy(synthetic_data / name, folder / name)
+    dataset.write_pack(folder / dataset.PACK, data.filenames, data.images, jpeg_quality=90)
+    packed = dataset.load_training_set(folder)
+    assert packed.filenames == data.filenames and packed.images.shape == data.images.shape
+    for i in (0, 2, 3, len(data) - 1):  # first, last and first of a strip; the last strip is short
+        own = io.BytesIO()
+        Image.fromarray(data.images[i]).save(own, "JPEG", quality=90, subsampling=0)
+        assert np.array_equal(packed.images[i], np.asarray(Image.open(own)))
+    assert not np.array_equal(packed.images, data.images)  # lossy, as it says
+    assert np.abs(packed.images.astype(int) - data.images).mean() < 3
+
+
 def test_composite_scenes_paste_one_new_object_into_a_largest_scene(synthetic_data):
     """Each composite is a 3-object training image, unchanged but for one pasted patch, with a fourth label it did
     not have; the same seed gives the same composites."""
