@@ -169,7 +169,9 @@ def print_table(results):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", nargs="+", metavar="DIR", help="sample.py output folders to score")
+    p.add_argument("--samples", nargs="+", metavar="DIR",
+                   help="sample.py output folders to score; folders of one name and the same requests drawn with "
+                        "other seeds (s0/test s1/test ...) are scored as one set: each seed, then mean ± std")
     p.add_argument("--model", help="model folder to generate from (with --conditions)")
     p.add_argument("--conditions", nargs="+", metavar="FILE",
                    help="condition files, random:N[:SEED] (N label sets with the training mix of object counts) or "
@@ -225,13 +227,16 @@ def main(argv=None):
     if args.samples:
         vocabulary = dataset.find_vocabulary(args.data_dir)
         evaluator.check_label_order(vocabulary, vocabulary.source)
-        results, images, condition_sets, settings = {}, {}, {}, {"samples": args.samples}
+        per_name, images, condition_sets, settings = {}, {}, {}, {"samples": args.samples}
         for folder in args.samples:
             record, label_lists, batch = load_sample_folder(folder, vocabulary)
-            per_seed = {str(record.get("seed", 0)): score(evaluator, batch, label_lists, vocabulary)}
-            name = Path(folder).name if Path(folder).name not in results else str(folder)
-            results[name], images[name] = {"seeds": per_seed, **summarise(per_seed)}, batch
+            name, seed = Path(folder).name, str(record.get("seed", 0))
+            if name in per_name and (seed in per_name[name] or condition_sets[name] != label_lists):
+                name = str(folder)  # not another seed of the same requests: scored on its own
+            per_name.setdefault(name, {})[seed] = score(evaluator, batch, label_lists, vocabulary)
+            images[name] = np.concatenate([images[name], batch]) if name in images else batch
             condition_sets[name] = label_lists
+        results = {name: {"seeds": per_seed, **summarise(per_seed)} for name, per_seed in per_name.items()}
     else:
         pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
                                           args.guidance_max_t, args.precision,

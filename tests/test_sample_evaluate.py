@@ -103,6 +103,28 @@ def test_evaluate_a_sample_folder_matches_the_evaluator(samples, synthetic_evalu
         assert f"{name:<16s}" in result.stdout
 
 
+def test_sample_folders_of_one_name_drawn_with_other_seeds_are_scored_as_one_set(samples, tiny_run, synthetic_evaluator,
+                                                                                synthetic_data, tmp_path):
+    """s3/test, s4/test (what a GPU run brings back for a model too big to return) score as one set with its mean; a
+    folder of the same name holding other requests is scored on its own."""
+    import shutil
+
+    checkpoint, _ = synthetic_evaluator
+    other_seed = sample(tiny_run / "model", tmp_path / "s4", "--conditions", synthetic_data / "test.json", "--seed", 4)
+    assert other_seed.returncode == 0, other_seed.stderr
+    other_requests = tmp_path / "elsewhere" / "test"
+    shutil.copytree(samples / "new_test", other_requests)
+    result = run_script("evaluate.py", "--samples", samples / "test", tmp_path / "s4" / "test", other_requests,
+                        "--evaluator", checkpoint, "--data-dir", synthetic_data, "--json", tmp_path / "e.json",
+                        "--reference-images", 0)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert set(results) == {"test", str(other_requests)} and set(results["test"]["seeds"]) == {"3", "4"}
+    accuracies = [results["test"]["seeds"][seed]["accuracy"] for seed in ("3", "4")]
+    assert results["test"]["mean"] == pytest.approx(np.mean(accuracies)) and "mean±std" in result.stdout
+    assert set(results[str(other_requests)]["seeds"]) == {"3"}
+
+
 def test_generate_and_score_in_one_go_equals_sample_then_score(samples, tiny_run, synthetic_evaluator,
                                                               synthetic_data, tmp_path):
     checkpoint, _ = synthetic_evaluator
