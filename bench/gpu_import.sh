@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Back on the CPU box: turn what bench/gpu_run.sh brought back from a GPU machine into a model folder (its manifest
 # is checked on loading), add the learned upsampler where the model denoises below its output size, and score it
-# with the project's evaluator, 3 seeds, like every other model (docs/RESULTS.md, "A lent GPU").
+# with the project's evaluator, 3 seeds, like every other model (docs/RESULTS.md, "A lent GPU"). A model too big to
+# come back (`seed`) brought its samples instead (samples.tar): those are scored, on the same yardstick.
 #
 #   bash bench/gpu_import.sh FILES_AT runs/gpu/model
 #   SCORE=0 UPSAMPLER_FROM= bash bench/gpu_import.sh FILES_AT runs/gpu/model      # unpack only
@@ -15,9 +16,17 @@ UPSAMPLER_FROM=${UPSAMPLER_FROM-pretrained/iclevr-tokens}  # a learned upsampler
 SCORE=${SCORE:-1}
 PYTHON=${PYTHON:-python}
 
-compgen -G "$IN/model.tar.part-*" > /dev/null || { echo "error: $IN holds no model.tar.part-* (was it a bench/gpu_run.sh run?)" >&2; exit 2; }
 unpacked=$(mktemp -d)
 trap 'rm -rf "$unpacked"' EXIT
+if [ -f "$IN/samples.tar" ]; then
+  tar -C "$unpacked" -xf "$IN/samples.tar"
+  mkdir -p "$(dirname "$MODEL")"
+  $PYTHON evaluate.py --samples "$unpacked"/samples/seed-*/* --evaluator "$EVALUATOR" --data-dir "$DATA" \
+    --json "$(dirname "$MODEL")/evaluation.json"
+  echo "the model was too big to come back: its samples were scored; no model folder"
+  exit 0
+fi
+compgen -G "$IN/model.tar.part-*" > /dev/null || { echo "error: $IN holds neither model.tar.part-* nor samples.tar (was it a bench/gpu_run.sh run?)" >&2; exit 2; }
 cat "$IN"/model.tar.part-* > "$unpacked/model.tar"
 tar -C "$unpacked" -xf "$unpacked/model.tar"
 mkdir -p "$(dirname "$MODEL")"

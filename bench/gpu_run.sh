@@ -5,7 +5,10 @@
 # It installs the carried wheels, trains PRESET for MINUTES of wall time at a GPU-sized batch, and leaves in $OUT
 # at most 8 files of under 16 MiB each (what the device tool brings back):
 #   model.tar.part-aa, -ab, ...  the exported model folder (fp16 EMA weights, configs, sampling.json, manifest),
-#                                a tar split into 15 MiB parts
+#                                a tar split into at most 5 parts of 15 MiB;
+#   or samples.tar               where the model is bigger than that (`seed`: 228 MB in fp16): sample.py's folders
+#                                for the bundle's conditions/ (held-out draw, test files), seeds 0-2, drawn here
+#                                with the model's stored settings, for the evaluator back on the CPU box
 #   metrics.jsonl, curves.png    train.py's own (loss, conditioning meter, images/s, GPU memory)
 #   summary.txt                  one screen: images/s, images seen, GPU memory, what came back
 # Back on the CPU box: bash bench/gpu_import.sh FILES_AT runs/gpu/model
@@ -20,10 +23,12 @@ BUNDLE=${BUNDLE:-gpu-bundle}
 PRESET=${PRESET:-tokens-wide}     # the shipped model's preset; its bundle is the same as tokens' (32x32)
 MODEL_OPTIONS=${MODEL_OPTIONS:-}   # e.g. "--model-option block_out_channels=[96,192,384]"
 MINUTES=${MINUTES:-9}
-# Batch 256 is 8x the CPU recipe's 32; the learning rate grows with its square root (5e-4 x sqrt(8) = 1.4e-3, the
-# usual scaling for Adam), constant after warm-up: the run's length is set by the clock, and EMA averages.
+# Batch 256 is 8x the CPU recipe's 32; the learning rate grows with its square root (the usual scaling for Adam):
+# 5e-4 x sqrt(8) = 1.4e-3 for the token presets, and the report's 1e-4 x sqrt(8) = 2.8e-4 for its own model,
+# `seed`. Constant after warm-up: the run's length is set by the clock, and EMA averages.
 BATCH=${BATCH:-256}
-LR=${LR:-1.4e-3}
+if [ "$PRESET" = seed ]; then LR=${LR:-2.8e-4}; else LR=${LR:-1.4e-3}; fi
+RETURN_MIB=${RETURN_MIB:-75}      # 5 parts of 15 MiB: 8 files come back, 3 of them metrics, curves and summary
 PYTHON=${PYTHON:-python3}
 RUN=${RUN:-/tmp/gpu-run}
 
@@ -44,7 +49,15 @@ $PYTHON train.py --preset "$PRESET" $MODEL_OPTIONS --data-dir "$BUNDLE/data" --o
 
 $PYTHON export.py "$RUN/model" "$RUN/export" --sampler ddim --steps 20 --guidance-scale 3 --guidance-max-t 500
 tar -C "$RUN" -cf "$RUN/model.tar" export
-split -b 15M "$RUN/model.tar" "$OUT/model.tar.part-"
+if [ "$(stat -c %s "$RUN/model.tar")" -le $((RETURN_MIB * 1048576)) ]; then
+  split -b 15M "$RUN/model.tar" "$OUT/model.tar.part-"
+else
+  for seed in 0 1 2; do
+    $PYTHON sample.py --model "$RUN/export" --conditions "$BUNDLE"/conditions/*.json --seed "$seed" \
+      --out "$RUN/samples/seed-$seed"
+  done
+  tar -C "$RUN" -cf "$OUT/samples.tar" samples
+fi
 cp "$RUN/metrics.jsonl" "$RUN/curves.png" "$OUT/"
 $PYTHON - "$RUN" "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, statistics, sys
@@ -64,6 +77,9 @@ meter = [r for r in records if "meter_share" in r]
 if meter:
     print(f"conditioning meter at step {meter[-1]['step']}: share {meter[-1]['meter_share']:.3f}, "
           f"held-out loss {meter[-1]['meter_loss']:.5f}")
-files = sorted(os.listdir(out)) + ["summary.txt"]
+if os.path.exists(f"{out}/samples.tar"):
+    print(f"the model ({os.path.getsize(f'{run}/model.tar') / 2**20:.0f} MiB) is too big to come back: "
+          f"samples.tar holds its images for the bundle's conditions, seeds 0-2")
+files = sorted(set(os.listdir(out)) | {"summary.txt"})  # tee has made summary.txt already, empty
 print(f"files in OUT: {len(files)}, largest {max(os.path.getsize(os.path.join(out, f)) for f in files if f != 'summary.txt') / 2**20:.1f} MiB")
 EOF

@@ -109,6 +109,41 @@ def test_gpu_rehearsal_runs_from_the_bundle_alone(synthetic_data, tmp_path):
     assert pipe.unet.config.preset == "tiny-tokens" and pipe.sampling_settings["steps"] == 20
 
 
+def test_gpu_rehearsal_of_a_model_too_big_to_come_back(synthetic_data, synthetic_evaluator, tmp_path):
+    """A 64-pixel preset from its JPEG bundle, with no room to return the model (as for `seed`, whose 228 MB exceed
+    the 75 MiB of parts that come back): the run draws the bundle's conditions there, seeds 0-2, within the $OUT
+    limits, and gpu_import.sh scores those images here."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    box = copy_of_the_checkout(tmp_path / "box" / "checkout")
+    bundle = run_script("bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny", "--out",
+                        box / "gpu-bundle", "--no-wheels")
+    assert bundle.returncode == 0 and "64x64, JPEG quality 95" in bundle.stdout, bundle.stderr
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "ICLEVR_DATA_DIR"}
+    env.update(OUT=str(out), PRESET="tiny", MINUTES="0.2", BATCH="8", RETURN_MIB="0", PYTHON=sys.executable)
+    run = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=box, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["curves.png", "metrics.jsonl", "samples.tar", "summary.txt"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in files)
+    summary = (out / "summary.txt").read_text()
+    assert "too big to come back" in summary and "files in OUT: 4," in summary
+    checkpoint, _ = synthetic_evaluator
+    imported = subprocess.run(["bash", "bench/gpu_import.sh", str(out), str(tmp_path / "gpu" / "model")], cwd=REPO,
+                              env={**env, "EVALUATOR": str(checkpoint), "DATA": str(synthetic_data)},
+                              capture_output=True, text=True, timeout=600)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu" / "evaluation.json").read_text())["results"]
+    assert set(results) == {"test", "new_test", "random-96-5"}
+    assert all(set(result["seeds"]) == {"0", "1", "2"} for result in results.values())
+    assert not (tmp_path / "gpu" / "model").exists()
+
+
 def test_gpu_bundle_is_refused_where_it_would_not_fit_beside_the_checkout(synthetic_data, tmp_path):
     """The checkout and the bundle travel together (64 MiB): a checkout grown by 60 MiB leaves no room."""
     box = copy_of_the_checkout(tmp_path / "checkout")
