@@ -47,17 +47,19 @@ def logits(net, images):
     return net.fc[0](features(net, images))
 
 
+def topk_choices(scores, onehot):
+    """Per image with k requested labels, the indices of its k highest scores: what the evaluator reads in it.
+    Ties are broken towards the lower label index (a stable sort), so the result is deterministic."""
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    return [row[:int(k)].tolist() for row, k in zip(order, onehot.sum(1).tolist())]
+
+
 def topk_hits(scores, onehot):
     """Per image with k requested labels: how many of the k highest scores are requested labels.
-    Ties are broken towards the lower label index (a stable sort), so the result is deterministic.
     Returns (hits, k) summed over the batch: pool them over a file, then divide."""
-    hits = total = 0
-    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
-    for row, labels in zip(order, onehot):
-        k = int(labels.sum().item())
-        hits += int(labels[row[:k]].sum().item())
-        total += k
-    return hits, total
+    chosen = topk_choices(scores, onehot)
+    hits = sum(int(labels[row].sum().item()) for row, labels in zip(chosen, onehot))
+    return hits, int(onehot.sum().item())
 
 
 def pooled_accuracy(scores, onehot):
@@ -141,11 +143,9 @@ def score_images(net, images_uint8, labels, batch_size=256, transform=None):
         x = dataset.to_model_input(torch.from_numpy(images_uint8[start:start + batch_size]))
         scores.append(net(transform(x) if transform else x))
     scores, labels = torch.cat(scores), torch.from_numpy(labels)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    k = labels.sum(1).long()
     chosen = torch.zeros_like(labels)
-    for i in range(len(labels)):
-        chosen[i, order[i, :k[i]]] = 1
+    for i, row in enumerate(topk_choices(scores, labels)):
+        chosen[i, row] = 1
     per_label = (chosen * labels).sum(0) / labels.sum(0).clamp(min=1)
     return pooled_accuracy(scores, labels), per_label.numpy()
 

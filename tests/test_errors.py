@@ -95,6 +95,13 @@ def test_missing_evaluator(earlier_samples, tmp_path):
     assert not (earlier_samples / "evaluation.json").exists()
 
 
+def test_negative_misread_count(earlier_samples, tmp_path):
+    code, _, err = run_main("evaluate.py", "--samples", earlier_samples / "test", "--misread", -1,
+                            "--json", tmp_path / "e.json")
+    assert code == 2 and last_line(err).endswith("error: --misread must be 0 or more"), err
+    assert not (tmp_path / "e.json").exists()
+
+
 @pytest.fixture
 def resumable_run(tiny_run, tmp_path):
     """A copy of a finished run, to be resumed with broken data; it must stay exactly as it is."""

@@ -100,6 +100,8 @@ def test_evaluate_a_sample_folder_matches_the_evaluator(samples, synthetic_evalu
         expected = model.eval(images, find_vocabulary().encode_all(labels))
         assert results[name]["seeds"]["3"]["accuracy"] == pytest.approx(expected)
         assert results[name]["frechet"] > 0 and results[name]["frechet_reference"] == 60
+        # real images against other real ones: the floor a perfect generator would reach
+        assert 0 < results[name]["frechet_floor"] < results[name]["frechet"]
         assert f"{name:<16s}" in result.stdout
 
 
@@ -206,3 +208,59 @@ def test_bf16_sampling_is_close_to_fp32_and_stored_with_an_export(tiny_run, tmp_
     assert json.loads((tmp_path / "exported" / "sampling.json").read_text())["precision"] == "bf16"
     assert sample_lib.prepare_pipeline(tmp_path / "exported")[1]["precision"] == "bf16"
     assert "precision" not in sample_lib.prepare_pipeline(tmp_path / "exported", precision="fp32")[1]
+
+
+def constant_evaluator(path, vocabulary, first_read):
+    """A course-format checkpoint that reads every image the same way: the labels of `first_read` first, in that
+    order, then the rest by index. Its confusions are known exactly, whatever the images show."""
+    from evaluator import resnet18_classifier
+
+    net = resnet18_classifier()
+    linear = net.fc[0]
+    torch.nn.init.zeros_(linear.weight)
+    bias = -torch.arange(len(vocabulary.names), dtype=torch.float32) / 100
+    for rank, label in enumerate(first_read):
+        bias[vocabulary.names.index(label)] = 5 - rank
+    linear.bias.data.copy_(bias)
+    torch.save({"model": net.state_dict(), "label_names": vocabulary.names}, path)
+    return path
+
+
+def test_two_evaluators_side_by_side_and_what_each_misread(tiny_run, synthetic_data, vocabulary, write_json, tmp_path):
+    requests = [["red cube"], ["red sphere"], ["blue sphere", "red cube"], ["green cylinder"],
+                ["red sphere", "red cylinder"]]
+    conditions = write_json("five.json", requests)
+    first = constant_evaluator(tmp_path / "first.pth", vocabulary, ["red cube", "red sphere"])
+    second = constant_evaluator(tmp_path / "second.pth", vocabulary, ["green cylinder", "red sphere"])
+    code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--conditions", conditions, "--seeds", 2,
+                              "--sampler", "ddim", "--steps", 2, "--evaluator", first, "--evaluator", second,
+                              "--data-dir", synthetic_data, "--reference-images", 0, "--json", tmp_path / "e.json")
+    assert code == 0, err
+    written = json.loads((tmp_path / "e.json").read_text())
+    ours, theirs = written["results"]["five"], written["other_evaluators"][str(second)]["five"]
+    # the first reads "red cube, red sphere": hits 1, 0, 1, 0, 1 of 1, 1, 2, 1, 2 labels
+    assert ours["mean"] == pytest.approx(3 / 7) and theirs["mean"] == pytest.approx(2 / 7)
+    assert ours["by_objects"] == pytest.approx({"1": 1 / 3, "2": 2 / 4})
+    assert theirs["by_objects"] == pytest.approx({"1": 1 / 3, "2": 1 / 4})
+    # per seed: red sphere -> red cube and red cylinder -> red cube (the shape), blue sphere -> red sphere (the
+    # colour), green cylinder -> red cube (both)
+    assert ours["misreadings"]["kinds"] == {"shape": 4, "colour": 2, "both": 2}
+    assert ours["misreadings"]["requests"]["1"]["misread"] == [["red sphere", "red cube", "0"],
+                                                               ["red sphere", "red cube", "1"]]
+    assert ours["misreadings"]["repeated_colour"] == {"requests": 1, "accuracy": pytest.approx(0.5)}
+    assert "0" not in ours["misreadings"]["requests"]
+    # the second reads "green cylinder, red sphere": red cube pairs with red sphere (same colour) before blue sphere
+    # takes what is left
+    assert theirs["misreadings"]["requests"]["2"]["misread"][:2] == [["red cube", "red sphere", "0"],
+                                                                     ["blue sphere", "green cylinder", "0"]]
+    assert theirs["misreadings"]["kinds"] == {"shape": 2, "colour": 2, "both": 6}
+    assert "red sphere read as red cube (seed 0, 1)" in out
+    assert f"{'five':<16s}" in out and "-0.1429" in out and "-0.2500" in out  # the agreement table's gaps
+
+
+def test_one_line_errors_for_a_missing_second_evaluator(tiny_run, synthetic_data, synthetic_evaluator, tmp_path):
+    checkpoint, _ = synthetic_evaluator
+    code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--evaluator", checkpoint, "--evaluator",
+                              tmp_path / "missing.pth", "--data-dir", synthetic_data, "--json", tmp_path / "e.json")
+    assert code != 0 and err.strip().startswith("error:") and "missing.pth" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e.json").exists()
