@@ -14,6 +14,8 @@
 # Back on the CPU box: bash bench/gpu_import.sh FILES_AT runs/gpu/model
 #
 #   OUT=/tmp/out bash bench/gpu_run.sh                                            # on the GPU machine
+#   OUT=/tmp/out INIT=pretrained/iclevr-tokens COMPOSITES=6000 SEED=3 LR=3e-4 MINUTES=7.5 bash bench/gpu_run.sh
+#                                    # fine-tune the shipped model (run r13, the eighth shipped model: docs/RESULTS.md)
 #   OUT=/tmp/out PRESET=tiny-tokens MINUTES=0.5 BATCH=8 bash bench/gpu_run.sh     # CPU rehearsal
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,9 @@ BUNDLE=${BUNDLE:-gpu-bundle}
 PRESET=${PRESET:-tokens-wide}     # the shipped model's preset; its bundle is the same as tokens' (32x32)
 MODEL_OPTIONS=${MODEL_OPTIONS:-}   # e.g. "--model-option block_out_channels=[96,192,384]"
 MINUTES=${MINUTES:-9}
+INIT=${INIT:-}                     # a model folder to start from (train.py --init), e.g. pretrained/iclevr-tokens
+COMPOSITES=${COMPOSITES:-0}        # train.py --composite-scenes: 4-object scenes pasted from the data's own
+SEED=${SEED:-0}
 # Batch 256 is 8x the CPU recipe's 32; the learning rate grows with its square root (the usual scaling for Adam):
 # 5e-4 x sqrt(8) = 1.4e-3 for the token presets, and the report's 1e-4 x sqrt(8) = 2.8e-4 for its own model,
 # `seed`. Constant after warm-up: the run's length is set by the clock, and EMA averages.
@@ -40,14 +45,17 @@ if compgen -G "$BUNDLE/wheels/*.whl" > /dev/null; then
 fi
 mkdir -p "$OUT"
 rm -rf "$RUN"
+# whatever happens below, the curves so far come back
+trap 'cp "$RUN/metrics.jsonl" "$RUN/curves.png" "$OUT/" 2>/dev/null || true' EXIT
 
 # shellcheck disable=SC2086  # MODEL_OPTIONS is a list of flags
 $PYTHON train.py --preset "$PRESET" $MODEL_OPTIONS --data-dir "$BUNDLE/data" --out "$RUN" --batch-size "$BATCH" \
   --lr "$LR" --warmup-steps 200 --lr-schedule constant --ema-decay 0.9995 --prediction-type v_prediction \
   --max-steps 1000000 --max-minutes "$MINUTES" --checkpoint-every 1000000 --meter-every 200 --log-every 50 \
-  --resume latest
+  --resume latest --seed "$SEED" --composite-scenes "$COMPOSITES" ${INIT:+--init "$INIT"}
 
-$PYTHON export.py "$RUN/model" "$RUN/export" --sampler ddim --steps 20 --guidance-scale 3 --guidance-max-t 500
+# the shipped model's sampling settings (its sampling.json)
+$PYTHON export.py "$RUN/model" "$RUN/export" --sampler ddim --steps 20 --guidance-scale 3 --precision bf16
 tar -C "$RUN" -cf "$RUN/model.tar" export
 if [ "$(stat -c %s "$RUN/model.tar")" -le $((RETURN_MIB * 1048576)) ]; then
   split -b 15M "$RUN/model.tar" "$OUT/model.tar.part-"
