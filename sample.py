@@ -112,7 +112,7 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
     """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
     model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
     (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32).
-    bf16 where the hardware has no fast bf16 (a CPU without AMX) is fp32, with a note.
+    bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or AVX512-BF16) is fp32, with a note.
     -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
                [, "precision"]})"""
     check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
@@ -132,7 +132,7 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         joint_weight = float(saved.get("joint_weight", 0.0))
     precision = precision or saved.get("precision", "fp32")
     if precision == "bf16" and not fast_bf16(pipe.device.type):
-        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 on a CPU): sampling in fp32")
+        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
         precision = "fp32"
     settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
                                  joint_weight)
@@ -275,7 +275,7 @@ def parse_args(argv=None):
                         "--guidance-max-t (default: the model folder's, else none)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it "
-                        "(AMX-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, else fp32)")
+                        "(AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, else fp32)")
     p.add_argument("--compose-above", type=int, metavar="N",
                    help="draw requests of more than N labels by composing their N-label sub-requests, one batched "
                         "pass per step (default: the largest scene the model was trained on, 3 for i-CLEVR, so "

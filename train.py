@@ -32,7 +32,8 @@ from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_mod
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Presets whose training step bf16 autocast makes faster on a CPU with AMX-BF16 (bench/train_throughput.py,
-# docs/RESULTS.md): tokens 1.12x, tokens-wide 1.6x, small 1.09x, seed 2.8x. tiny (0.80x) and cpu (0.85x) are
+# docs/RESULTS.md): tokens 1.12x, tokens-wide 1.6x, small 1.09x, seed 2.8x; with AVX512-BF16 (AMD Zen 4), tokens
+# 1.12x, tokens-wide 1.62x. tiny (0.80x) and cpu (0.85x) are
 # slower in bf16, so --mixed-precision auto keeps them in fp32.
 CPU_BF16_PRESETS = {"small", "tokens", "tokens-wide", "seed"}
 
@@ -98,7 +99,7 @@ def parse_args(argv=None):
     opt.add_argument("--ema-decay", type=float, default=0.9999,
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                     help="auto: bf16 where it is faster, on a GPU that supports it, or on a CPU with AMX-BF16 for "
+                     help="auto: bf16 where it is faster, on a GPU that supports it, or on a CPU with AMX-BF16 or AVX512-BF16 for "
                           f"the presets it speeds up there ({', '.join(sorted(CPU_BF16_PRESETS))}; as good as fp32 "
                           "at equal steps: docs/RESULTS.md); fp32 elsewhere")
     opt.add_argument("--compile", action="store_true",

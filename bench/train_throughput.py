@@ -8,7 +8,8 @@ dropout, loss, backward, gradient clipping, AdamW, LR schedule, EMA), with train
 "ours bf16" the same step under bf16 autocast (train.py --mixed-precision bf16), measured alternately with it.
 "plain" is the textbook step on the same UNet and batch: add_noise + MSE + AdamW in fp32, nothing else.
 All start from the same weights; the first losses of "ours" and "plain" on the same batch and noise are compared.
-The first line says whether this CPU has AMX-BF16, without which bf16 is emulated and slower than fp32.
+The first line says whether this CPU has fast bf16 (AMX-BF16 or AVX512-BF16), without which bf16 is emulated and
+slower than fp32.
 """
 import argparse
 import copy
@@ -128,7 +129,7 @@ def main():
     images = torch.randint(0, 256, (max(256, args.batch_size), 64, 64, 3), dtype=torch.uint8, generator=generator)
     labels = (torch.rand(len(images), 24, generator=generator) < 0.08).float()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"compile {'on' if args.compile else 'off'}, AMX-BF16 {'yes' if fast_bf16('cpu') else 'no'}")
+          f"compile {'on' if args.compile else 'off'}, fast bf16 {'yes' if fast_bf16('cpu') else 'no'}")
     print(f"{'preset':<11s} {'params':>8s} {'plain img/s':>12s} {'ours img/s':>11s} {'ratio':>6s} {'loss diff':>10s} "
           f"{'ours bf16':>10s} {'bf16 gain':>10s}")
     rows = []

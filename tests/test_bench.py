@@ -10,7 +10,7 @@ def test_train_throughput_compares_against_the_plain_step_with_the_same_numbers(
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["preset"] for r in rows] == ["tiny", "tiny-tokens"]
-    assert re.search(r"AMX-BF16 (yes|no)$", result.stdout.splitlines()[0])
+    assert re.search(r"fast bf16 (yes|no)$", result.stdout.splitlines()[0])
     for r in rows:
         # the table shows what the file holds, rounded; the ratio is computed from the unrounded numbers
         printed = re.search(rf"^{r['preset']}\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.e+-]+)"

@@ -11,7 +11,7 @@ SHIPPED = sorted(p for p in (REPO / "pretrained").glob("*") if (p / "model_index
 EVALUATOR = REAL_DATA.parent / "evaluator" / "checkpoint.pth"
 # Accuracy on the 24 one-object requests below, shipped model (r11-composite, tokens-wide, v-prediction, with its
 # learned upsampler), its sampling.json (DDIM 20, guidance 3, bf16), seeds 0-3: 1.000 each (24 of 24 right; chance
-# is 1 in 24 = 0.042). 0.9 lets 2 images of 24 go wrong (bf16 falls back to fp32 on a CPU without AMX).
+# is 1 in 24 = 0.042). 0.9 lets 2 images of 24 go wrong (bf16 falls back to fp32 on a CPU without fast bf16).
 THRESHOLD = 0.9
 
 
