@@ -1,6 +1,8 @@
 import json
 import re
 
+import pytest
+
 from conftest import run_script
 
 
@@ -21,6 +23,17 @@ def test_train_throughput_compares_against_the_plain_step_with_the_same_numbers(
         assert r["plain"] > 0 and r["ours"] > 0 and r["ratio"] == r["ours"] / r["plain"]
         assert r["ours_bf16"] > 0 and r["bf16_gain"] == r["ours_bf16"] / r["ours"]
         assert r["loss_diff"] < 1e-5  # our step computes the same loss as the textbook one on the same batch and noise
+
+
+def test_gpu_step_time_times_the_whole_step_and_the_unet_alone_per_batch():
+    result = run_script("bench/gpu_step_time.py", "--preset", "tiny-tokens", "--batches", 2, 4, "--repeats", 1)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^tiny-tokens batch (\d+): (train.py's step|forward \+ backward): ([\d.]+) ms/step, (\d+) "
+                      r"images/s$", result.stdout, re.M)
+    assert [(batch, what) for batch, what, _, _ in rows] == [("2", "train.py's step"), ("2", "forward + backward"),
+                                                            ("4", "train.py's step"), ("4", "forward + backward")]
+    for batch, _, milliseconds, images in rows:
+        assert int(images) == pytest.approx(int(batch) / (float(milliseconds) / 1000), rel=0.02, abs=1)
 
 
 def test_recipe_table_compares_runs_at_equal_training_time(tmp_path):
