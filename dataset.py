@@ -111,6 +111,20 @@ def default_condition_files(data_dir):
     return [str(Path(data_dir) / "test.json"), str(Path(data_dir) / "new_test.json")]
 
 
+def unique_set_names(sources, names):
+    """`names`, one per condition source (a file's stem, a draw's own name), made unique for the folders and
+    results they key: where two share one, each becomes PARENT-NAME (a/test.json, b/test.json -> a-test, b-test),
+    so that neither overwrites the other."""
+    repeated = {name for name in names if names.count(name) > 1}
+    unique = [f"{Path(source).parent.name}-{name}" if name in repeated else name
+              for source, name in zip(sources, names)]
+    clash = next((name for name in unique if unique.count(name) > 1), None)
+    if clash is not None:
+        raise UserError(f"two condition sets would both be named {clash!r} (one file given twice, or files of one "
+                        f"name in folders of one name): give each once, or rename one")
+    return unique
+
+
 def parse_label_string(text, vocabulary):
     """--labels "red sphere,cyan cube" -> ["red sphere", "cyan cube"]."""
     labels = [label.strip() for label in text.split(",") if label.strip()]

@@ -170,7 +170,8 @@ def score_sets(evaluator, drawn, condition_sets, vocabulary):
     """{name: {"seeds": {seed: score}, "mean": ..., "std": ..., "by_objects": ..., "misreadings": ...}}."""
     results = {}
     for name, by_seed in drawn.items():
-        per_seed = {seed: score(evaluator, images, condition_sets[name], vocabulary) for seed, images in by_seed.items()}
+        per_seed = {seed: score(evaluator, images, condition_sets[name], vocabulary)
+                    for seed, images in by_seed.items()}
         results[name] = {"seeds": per_seed, **summarise(per_seed, condition_sets[name])}
     return results
 
@@ -376,7 +377,8 @@ def main(argv=None):
                                           parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
         vocabulary, whose = pipe.unet.vocabulary, "the model"
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
-        condition_sets = dict(parse_condition_arg(text, vocabulary, data) for text in sources)
+        names, requests = zip(*(parse_condition_arg(text, vocabulary, data) for text in sources))
+        condition_sets = dict(zip(dataset.unique_set_names(sources, list(names)), requests))
         for evaluator in evaluators.values():  # before minutes of sampling
             evaluator.check_label_order(vocabulary, whose)
         drawn = generate_sets(pipe, condition_sets, range(args.seeds), args.batch_size,

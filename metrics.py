@@ -7,7 +7,7 @@ import torch
 
 import dataset
 from cli import replacing
-from model import to_sample_size
+from model import prediction_target, to_sample_size
 
 SHARE_PREFIX = "meter_share_t"  # metrics.jsonl keys of the meter's per-band shares: meter_share_t0, ...
 
@@ -99,8 +99,7 @@ class ConditioningMeter:
         noise = torch.randn((bands * len(x0), *x0.shape[1:]), generator=generator)
         x0, self.labels = x0.repeat(bands, 1, 1, 1), labels.repeat(bands, 1)
         self.noisy, self.t = noise_scheduler.add_noise(x0, noise, t), t
-        epsilon = noise_scheduler.config.prediction_type == "epsilon"
-        self.target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
+        self.target = prediction_target(noise_scheduler, x0, noise, t)
         self.batch_size = batch_size
 
     @torch.no_grad()

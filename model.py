@@ -243,6 +243,24 @@ PRECISIONS = ("fp32", "bf16")  # the UNet's arithmetic while sampling (bf16: aut
 SAMPLING_FILE = "sampling.json"  # in a model folder: the sampler, steps and guidance scale it was measured with
 
 
+def prediction_target(scheduler, x0, noise, t):
+    """What the UNet learns to predict from the noisy image at timestep t: the noise (epsilon), or the velocity
+    sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0 (v-prediction)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(x0, noise, t)
+
+
+def clean_estimate(scheduler, output, t, x):
+    """The clean image that the model's output at timestep t (one step for the whole batch) implies for the noisy
+    image x, clamped to the image range: DDPM's and DDIM's pred_original_sample, the same for every sampler."""
+    alpha_bar = scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
+    signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return (signal * x - noise * output).clamp(-1, 1)
+    return ((x - noise * output) / signal).clamp(-1, 1)
+
+
 def sampling_scheduler(train_config, sampler):
     """A scheduler for `sampler` built from the training scheduler's config, so betas always match.
 
@@ -345,15 +363,6 @@ class ICLEVRPipeline(DiffusionPipeline):
         return (torch.stack(rows), torch.tensor(owner, device=labels.device),
                 torch.tensor(weights, device=labels.device))
 
-    def clean_estimate(self, output, t, x):
-        """The clean image the model's output at timestep t implies (DDPM's and DDIM's pred_original_sample,
-        computed here the same way for every sampler), clamped to the image range."""
-        alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(x.device, torch.float32)
-        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return (signal * x - noise * output).clamp(-1, 1)
-        return ((x - noise * output) / signal).clamp(-1, 1)
-
     @staticmethod
     def request_guidance(labels, guidance_scale, guidance_max_t, guidance_by_objects=None):
         """(scale, max_t) for each request: the entry of its object count in `guidance_by_objects`
@@ -426,7 +435,7 @@ class ICLEVRPipeline(DiffusionPipeline):
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 output = self.predict(x, t, rows, owner, weights, self.step_guidance(guidance, t), precision)
                 if callback is not None:
-                    callback(i, t, x, self.clean_estimate(output, t, x))
+                    callback(i, t, x, clean_estimate(self.scheduler, output, t, x))
                 x = self.scheduler.step(output, t, x, generator=generator).prev_sample
             images.append(self.to_image(x))
         images = torch.cat(images)

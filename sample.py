@@ -107,18 +107,12 @@ def describe_guidance(guidance_scale, guidance_max_t=None, guidance_by_objects=N
     return text
 
 
-def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
-                     precision=None, guidance_by_objects=None, joint_weight=None):
-    """The pipeline with its sampler, and the settings to sample with: each explicit value first, then what the
-    model folder was measured with (its sampling.json; its steps only with its own sampler), then the defaults
-    (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32).
-    bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or AVX512-BF16) is fp32, with a note.
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
-               [, "precision"]})"""
-    check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t, precision or "fp32", guidance_by_objects, joint_weight or 0.0)
-    pipe = load_pipeline(model, pick_device(device))
-    saved = pipe.sampling_settings
+def resolve_sampling(saved, sampler=None, steps=None, guidance_scale=None, guidance_max_t=None, precision=None,
+                     guidance_by_objects=None, joint_weight=None):
+    """The settings to sample with: each explicit value first, then what the model folder was measured with
+    (`saved`, its sampling.json; its steps only with its own sampler), then the defaults (DEFAULT_SAMPLER,
+    DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32). Checked, in the
+    form sampling_settings gives."""
     sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
     if steps is None:
         steps = saved["steps"] if saved.get("sampler") == sampler and "steps" in saved else DEFAULT_STEPS[sampler]
@@ -131,12 +125,26 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
     if joint_weight is None:
         joint_weight = float(saved.get("joint_weight", 0.0))
     precision = precision or saved.get("precision", "fp32")
-    if precision == "bf16" and not fast_bf16(pipe.device.type):
+    return sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
+                             joint_weight)
+
+
+def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
+                     precision=None, guidance_by_objects=None, joint_weight=None):
+    """The pipeline with its sampler, and the settings to sample with (resolve_sampling: each flag, then the model
+    folder's sampling.json, then the defaults). bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or
+    AVX512-BF16) is fp32, with a note.
+    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
+               [, "precision"]})"""
+    check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
+                            guidance_max_t, precision or "fp32", guidance_by_objects, joint_weight or 0.0)
+    pipe = load_pipeline(model, pick_device(device))
+    settings = resolve_sampling(pipe.sampling_settings, sampler, steps, guidance_scale, guidance_max_t, precision,
+                                guidance_by_objects, joint_weight)
+    if settings.get("precision") == "bf16" and not fast_bf16(pipe.device.type):
         warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
-        precision = "fp32"
-    settings = sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
-                                 joint_weight)
-    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, sampler)
+        settings.pop("precision")
+    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings["sampler"])
     return pipe, settings
 
 
@@ -275,7 +283,8 @@ def parse_args(argv=None):
                         "--guidance-max-t (default: the model folder's, else none)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it "
-                        "(AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, else fp32)")
+                        "(AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, "
+                        "else fp32)")
     p.add_argument("--compose-above", type=int, metavar="N",
                    help="draw requests of more than N labels by composing their N-label sub-requests, one batched "
                         "pass per step (default: the largest scene the model was trained on, 3 for i-CLEVR, so "
@@ -310,12 +319,15 @@ def main(argv=None):
                                       parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
     options = generation_options(sampling, args.compose_above)
     vocabulary = pipe.unet.vocabulary
-    jobs = {}
+    sources, names, requests = [], [], []
     if args.labels:
-        jobs["labels"] = ("--labels", [dataset.parse_label_string(args.labels, vocabulary)])
+        sources, names, requests = ["--labels"], ["labels"], [[dataset.parse_label_string(args.labels, vocabulary)]]
     files = args.conditions or ([] if args.labels or args.process else dataset.default_condition_files(args.data_dir))
     for path in files:
-        jobs[Path(path).stem] = (str(path), dataset.load_conditions(path, vocabulary))
+        sources.append(str(path))
+        names.append(Path(path).stem)
+        requests.append(dataset.load_conditions(path, vocabulary))
+    jobs = dict(zip(dataset.unique_set_names(sources, names), zip(sources, requests)))
     process_labels = dataset.parse_label_string(args.process_labels, vocabulary) if args.process else None
     for _, label_lists in jobs.values():  # a request the model cannot draw is refused before anything is written
         pipe.label_vectors(label_lists, options.get("compose_above", "auto"))

@@ -220,3 +220,21 @@ def test_downsampling_then_upsampling_keeps_the_image():
     back = model_lib.to_image_size(small, 64)
     assert back.shape == smooth.shape and (back - smooth).abs().mean() < 0.01
     assert model_lib.to_sample_size(smooth, 64) is smooth and model_lib.to_image_size(smooth, 64) is smooth
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_training_target_and_the_clean_estimate_are_inverse(prediction_type):
+    """The one home of the diffusion maths: a perfect prediction of the training target (noise or velocity) gives
+    back the clean image the noisy one was made from, at every noise level (as the process figure shows it)."""
+    from model import clean_estimate, prediction_target, training_scheduler
+
+    scheduler = training_scheduler(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 3, 8, 8, generator=generator) * 1.6 - 0.8
+    noise = torch.randn(x0.shape, generator=generator)
+    for step in (0, 250, 600, 999):
+        t = torch.full((3,), step)
+        noisy = scheduler.add_noise(x0, noise, t)
+        target = prediction_target(scheduler, x0, noise, t)
+        assert torch.allclose(clean_estimate(scheduler, target, step, noisy), x0, atol=1e-3 if step < 999 else 0.05)
+    assert torch.equal(prediction_target(scheduler, x0, noise, t), noise) == (prediction_type == "epsilon")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main, run_script
+from conftest import last_line, run_main, run_script
 
 
 def sample(model, out, *args):
@@ -188,6 +188,47 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_re_export_keeps_the_sources_sampling_settings(tiny_run, tmp_path):
+    """export.py SRC DST without sampling flags writes SRC's sampling.json, not DDIM 50 / guidance 1 / fp32 (a
+    re-export of the shipped model used to lose its settings); a flag still overrides one setting."""
+    first, again, changed = tmp_path / "first", tmp_path / "again", tmp_path / "changed"
+    stored = ["--sampler", "ddim", "--steps", 3, "--guidance-scale", 2, "--guidance-by-objects", "2:4:600",
+              "--joint-weight", 0.25, "--precision", "bf16"]
+    assert run_script("export.py", tiny_run / "model", first, *stored).returncode == 0
+    written = json.loads((first / "sampling.json").read_text())
+    assert written == {"sampler": "ddim", "steps": 3, "guidance_scale": 2.0, "precision": "bf16", "joint_weight": 0.25,
+                       "guidance_by_objects": {"2": {"guidance_scale": 4.0, "guidance_max_t": 600}}}
+    code, out, err = run_main("export.py", first, again)
+    assert code == 0, err
+    assert json.loads((again / "sampling.json").read_text()) == written
+    assert "ddim, 3 steps, guidance 2; 2 objects: guidance 4 below t=600, bf16" in out
+    code, _, err = run_main("export.py", first, changed, "--guidance-scale", 5, "--precision", "fp32")
+    assert code == 0, err
+    expected = {k: v for k, v in written.items() if k != "precision"}
+    assert json.loads((changed / "sampling.json").read_text()) == {**expected, "guidance_scale": 5.0}
+
+
+def test_condition_files_of_one_name_get_folders_of_their_own(tiny_run, synthetic_data, vocabulary, tmp_path):
+    """a/test.json and b/test.json used to write both into OUT/test, the second over the first."""
+    for folder, requests in (("a", [["red sphere"]]), ("b", [["cyan cube"], ["gray cylinder"]])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.json").write_text(json.dumps(requests))
+    code, out, err = run_main("sample.py", "--model", tiny_run / "model", "--conditions", tmp_path / "a" / "test.json",
+                              tmp_path / "b" / "test.json", "--steps", 2, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-test", "b-test"]
+    assert len(read_images(tmp_path / "out" / "b-test")) == 2
+    evaluator = constant_evaluator(tmp_path / "e.pth", vocabulary, ["red sphere"])
+    code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--conditions", tmp_path / "a" / "test.json",
+                              tmp_path / "b" / "test.json", "--steps", 2, "--evaluator", evaluator, "--data-dir",
+                              synthetic_data, "--reference-images", 0, "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "e.json").read_text())["results"]) == {"a-test", "b-test"}
+    code, _, err = run_main("sample.py", "--model", tiny_run / "model", "--conditions", tmp_path / "a" / "test.json",
+                            tmp_path / "a" / "test.json", "--steps", 2, "--out", tmp_path / "twice")
+    assert code == 2 and "'a-test'" in last_line(err) and not (tmp_path / "twice").exists()
+
+
 def test_bf16_sampling_is_close_to_fp32_and_stored_with_an_export(tiny_run, tmp_path):
     import sample as sample_lib
     from model import fast_bf16
@@ -262,5 +303,6 @@ def test_one_line_errors_for_a_missing_second_evaluator(tiny_run, synthetic_data
     checkpoint, _ = synthetic_evaluator
     code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--evaluator", checkpoint, "--evaluator",
                               tmp_path / "missing.pth", "--data-dir", synthetic_data, "--json", tmp_path / "e.json")
-    assert code != 0 and err.strip().startswith("error:") and "missing.pth" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and err.strip().startswith("error:") and "missing.pth" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e.json").exists()
