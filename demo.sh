@@ -19,10 +19,11 @@ SCENES=${SCENES:-2000}
 EVALUATOR_EPOCHS=${EVALUATOR_EPOCHS:-3}
 DDPM_MINUTES=${DDPM_MINUTES:-7}
 INIT=${INIT-pretrained/iclevr-tokens}
-# The shipped model's recipe (docs/RESULTS.md, "v-prediction", "r9-wide-cont"): v-prediction learns the labels far
-# sooner than epsilon and samples as well in 20 DDIM steps as in 50; guidance 3 on every step. 50 warm-up steps,
-# not train.py's 500: the 7 minutes are only a few hundred steps on a 2-core CPU. train.py writes its --eval-*
-# sampling settings into the model's sampling.json, which sample.py and evaluate.py then use.
+# The DDPM's settings are recipes/demo-finetune.json, the shipped model's recipe (docs/RESULTS.md, "v-prediction",
+# "r9-wide-cont"): v-prediction learns the labels far sooner than epsilon and samples as well in 20 DDIM steps as in
+# 50; guidance 3 on every step. 50 warm-up steps, not train.py's 500: the 7 minutes are only a few hundred steps on
+# a 2-core CPU. train.py writes its --eval-* sampling settings into the model's sampling.json, which sample.py and
+# evaluate.py then use.
 
 mkdir -p "$RUN"
 if [ -z "$DATA" ]; then
@@ -31,10 +32,8 @@ if [ -z "$DATA" ]; then
 fi
 [ -f "$RUN/evaluator.pth" ] || python evaluator.py train --data-dir "$DATA" --out "$RUN/evaluator.pth" \
   --epochs "$EVALUATOR_EPOCHS"
-python train.py --preset tokens-wide --data-dir "$DATA" --out "$RUN" --resume latest --max-minutes "$DDPM_MINUTES" \
-  ${INIT:+--init "$INIT"} --batch-size 32 --lr 5e-4 --warmup-steps 50 --lr-schedule constant --ema-decay 0.999 \
-  --prediction-type v_prediction --meter-every 50 --evaluator "$RUN/evaluator.pth" --eval-every-minutes 3.5 \
-  --eval-conditions "$DATA/test.json" "$DATA/new_test.json" --eval-sampler ddim --eval-steps 20 --eval-guidance 3
+python train.py --recipe recipes/demo-finetune.json --data-dir "$DATA" --out "$RUN" --max-minutes "$DDPM_MINUTES" \
+  ${INIT:+--init "$INIT"} --evaluator "$RUN/evaluator.pth" --eval-conditions "$DATA/test.json" "$DATA/new_test.json"
 python sample.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --process \
   --out "$RUN/samples"
 python evaluate.py --model "$RUN/model" --conditions "$DATA/test.json" "$DATA/new_test.json" --seeds 3 \

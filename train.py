@@ -7,6 +7,7 @@ The run folder holds checkpoints/ (the last --keep, each written atomically), me
 at the end, model/ (the EMA weights as an ICLEVRPipeline folder for sample.py and evaluate.py).
 """
 import argparse
+import difflib
 import json
 import math
 import signal
@@ -26,9 +27,9 @@ import checkpoints
 import dataset
 import metrics
 import synthetic
-from cli import UserError, run_cli
+from cli import UserError, read_json, run_cli
 from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters, fast_bf16,
-                   sampling_scheduler, to_sample_size, training_scheduler)
+                   prediction_target, sampling_scheduler, to_sample_size, training_scheduler)
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Presets whose training step bf16 autocast makes faster on a CPU with AMX-BF16 (bench/train_throughput.py,
@@ -44,6 +45,10 @@ class NonFiniteLoss(UserError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", metavar="FILE",
+                   help="a recipe (recipes/*.json): this script's flags without their dashes, with their values, e.g. "
+                        '{"preset": "tokens-wide", "lr": 5e-4, "no-flip": true}; a flag on the command line '
+                        "overrides the file's (--model-option adds to its list); config.json records the result")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR,
                       help=f"course data folder (iclevr/, train.json, objects.json), or '{dataset.SYNTHETIC}' "
@@ -99,9 +104,9 @@ def parse_args(argv=None):
     opt.add_argument("--ema-decay", type=float, default=0.9999,
                      help="largest EMA decay; EMA warm-up (power 2/3) keeps it lower early in training")
     opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                     help="auto: bf16 where it is faster, on a GPU that supports it, or on a CPU with AMX-BF16 or AVX512-BF16 for "
-                          f"the presets it speeds up there ({', '.join(sorted(CPU_BF16_PRESETS))}; as good as fp32 "
-                          "at equal steps: docs/RESULTS.md); fp32 elsewhere")
+                     help="auto: bf16 where it is faster, on a GPU that supports it, or on a CPU with AMX-BF16 or "
+                          f"AVX512-BF16 for the presets it speeds up there ({', '.join(sorted(CPU_BF16_PRESETS))}; "
+                          "as good as fp32 at equal steps: docs/RESULTS.md); fp32 elsewhere")
     opt.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet (slow first steps; see docs/RESULTS.md for when it pays)")
     opt.add_argument("--max-bad-steps", type=int, default=0,
@@ -152,7 +157,11 @@ def parse_args(argv=None):
     evaluation.add_argument("--eval-guidance", type=float, default=1.0, help="guidance scale for evaluation")
     evaluation.add_argument("--eval-guidance-max-t", type=int,
                             help="guide only timesteps below this during evaluation (default: every step)")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe")
+    path = recipe.parse_known_args(argv)[0].recipe
+    args = p.parse_args([*recipe_arguments(path, p), *argv] if path else argv)
     args.model_options = dict(parse_model_option(p, text) for text in args.model_option)
     if (args.eval_every or args.eval_every_minutes) and not args.evaluator:
         p.error("--eval-every needs --evaluator (train one with: python evaluator.py train)")
@@ -168,6 +177,35 @@ def parse_args(argv=None):
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     return args
+
+
+def recipe_arguments(path, parser):
+    """A recipe file as command-line arguments, to stand before the command line's own (argparse keeps the last
+    value of a flag, so the command line wins). Its "about" entry is a description, not a flag."""
+    recipe = read_json(Path(path), "recipe")
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe is a JSON object of flags without their dashes, e.g. {{\"lr\": 5e-4}}")
+    actions = {option[2:]: action for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option not in ("--help", "--recipe")}
+    arguments = []
+    for key, value in recipe.items():
+        if key == "about":
+            continue
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions, n=3, cutoff=0.5)
+            hint = f" (closest: {', '.join(close)})" if close else ""
+            raise UserError(f"{path}: {key!r} is not a flag of train.py{hint}")
+        flag, action = f"--{key}", actions[key]
+        if isinstance(value, bool) and action.nargs == 0:  # a switch: true sets it, false leaves it off
+            arguments += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list) else [value]
+            arguments += [part for item in items for part in (flag, str(item))]
+        elif isinstance(value, list):
+            arguments += [flag, *map(str, value)]
+        else:
+            arguments += [flag, str(value)]
+    return arguments
 
 
 def parse_model_option(parser, text):
@@ -239,8 +277,7 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
     keep = torch.rand(batch, generator=generator, device=x0.device) >= cond_drop
     labels = labels * keep[:, None]  # dropped rows become the all-zero "unconditional" vector
     noisy = noise_scheduler.add_noise(x0, noise, t)
-    epsilon = noise_scheduler.config.prediction_type == "epsilon"
-    target = noise if epsilon else noise_scheduler.get_velocity(x0, noise, t)
+    target = prediction_target(noise_scheduler, x0, noise, t)
     prediction = model(noisy, t, labels)
     if not snr_gamma and object_weight == 1.0:
         return F.mse_loss(prediction.float(), target.float())
@@ -252,6 +289,7 @@ def training_loss(model, noise_scheduler, x0, labels, generator, cond_drop, snr_
     if snr_gamma:
         # min-SNR-gamma: cap the weight of nearly clean timesteps, whose texture details dominate plain MSE
         snr = compute_snr(noise_scheduler, t)
+        epsilon = noise_scheduler.config.prediction_type == "epsilon"
         per_image = per_image * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
     return per_image.mean()
 
@@ -459,10 +497,11 @@ def train(args, accelerator, run_dir, stop):
     upsampler = checkpoints.checkpoint_upsampler(checkpoint) if checkpoint else None
     if args.init and not checkpoint:
         upsampler = checkpoints.initialise_from(args.init, model, args.prediction_type)  # before the EMA copies
+        if is_main:
+            carried = " (and its learned upsampler)" if upsampler is not None else ""
+            print(f"initialised from {args.init}{carried}", file=sys.stderr)
     if upsampler is not None:
         upsampler.to(device)
-        if is_main:
-            print(f"initialised from {args.init}", file=sys.stderr)
     steps = total_steps(args, len(data), accelerator.num_processes)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, steps)

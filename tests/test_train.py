@@ -70,6 +70,8 @@ def test_init_starts_from_a_trained_model(tiny_run, synthetic_data, tmp_path):
     for name, extra in (("init", ["--init", tiny_run / "model"]), ("fresh", [])):
         result = train(synthetic_data, tmp_path / name, "--max-steps", 1, "--lr", 1e-12, *extra)
         assert result.returncode == 0, result.stderr
+        # said for a model without an upsampler too, and only when it happened
+        assert (f"initialised from {tiny_run / 'model'}\n" in result.stderr) == (name == "init"), result.stderr
     initialised, fresh = weights(tmp_path / "init"), weights(tmp_path / "fresh")
     assert all(torch.allclose(initialised[k], trained[k], atol=1e-6) for k in trained)
     assert not all(torch.allclose(fresh[k], trained[k], atol=1e-6) for k in trained)
@@ -283,8 +285,10 @@ def test_evaluation_during_training_uses_the_upsampler_the_export_will_have(synt
     run = tmp_path / "init-run"
     started = train(synthetic_data, run, "--max-steps", 2, "--init", tmp_path / "init", *tokens)
     assert started.returncode == 0, started.stderr
-    resumed = train(synthetic_data, run, "--max-steps", 4, "--resume", "latest", *tokens)
+    assert f"initialised from {tmp_path / 'init'} (and its learned upsampler)" in started.stderr
+    resumed = train(synthetic_data, run, "--max-steps", 4, "--resume", "latest", "--init", tmp_path / "init", *tokens)
     assert resumed.returncode == 0, resumed.stderr
+    assert "initialised from" not in resumed.stderr and "resumed from" in resumed.stderr  # the checkpoint's weights
 
     evaluated = [r for r in records(run) if "acc_random-4" in r]
     assert [r["step"] for r in evaluated] == [2, 4] and not any("eval_upsampling" in r for r in evaluated)
@@ -376,3 +380,45 @@ def test_composite_scenes_teach_one_object_more(synthetic_data, tmp_path):
         "error: composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), one object "
         "added each time; this data has none")
     assert not (tmp_path / "last" / "checkpoints").exists()
+
+
+def test_a_recipe_file_trains_and_a_flag_overrides_it(synthetic_data, write_json, tmp_path):
+    recipe = write_json("tiny.json", {"about": "a tiny recipe", "preset": "tiny", "batch-size": 4, "lr": 1e-3,
+                                      "max-steps": 3, "log-every": 1, "warmup-steps": 1, "meter-every": 0,
+                                      "no-flip": True, "model-option": ["layers_per_block=1"],
+                                      "eval-conditions": ["random:4", "random:8"]})
+    run = tmp_path / "run"
+    code, _, err = run_main("train.py", "--recipe", recipe, "--data-dir", synthetic_data, "--out", run,
+                            "--max-steps", 2)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == str(recipe)
+    assert (config["max_steps"], config["total_steps"]) == (2, 2)  # the command line's, not the file's 3
+    assert (config["preset"], config["batch_size"], config["lr"], config["no_flip"]) == ("tiny", 4, 1e-3, True)
+    assert config["model_option"] == ["layers_per_block=1"] and config["eval_conditions"] == ["random:4", "random:8"]
+    assert [r["step"] for r in records(run) if "loss" in r] == [1, 2]
+
+
+def test_every_shipped_recipe_reads_as_train_py_flags():
+    """The recipes in recipes/ name only train.py's flags, with values its parser accepts."""
+    from conftest import REPO
+    from train import parse_args
+
+    recipes = sorted((REPO / "recipes").glob("*.json"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        args = parse_args(["--recipe", str(path), "--evaluator", "checkpoint.pth"])  # demo.sh's names its own
+        assert args.preset == "tokens-wide" and args.prediction_type == "v_prediction", path.name
+        assert json.loads(path.read_text())["about"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"lr": 1e-3, "batch_sise": 4}, "'batch_sise' is not a flag of train.py (closest: batch-size)"),
+    ([1, 2], "a recipe is a JSON object of flags without their dashes"),
+    ({"lr-schedule": "linear"}, "argument --lr-schedule: invalid choice: 'linear'"),
+])
+def test_bad_recipes_are_one_line_errors(synthetic_data, write_json, tmp_path, content, message):
+    code, _, err = run_main("train.py", "--recipe", write_json("bad.json", content), "--data-dir", synthetic_data,
+                            "--out", tmp_path / "run")
+    assert code == 2 and message in last_line(err), err
+    assert not (tmp_path / "run").exists()
