@@ -153,3 +153,7 @@ def manifest_problem(folder):
         if file_sha256(folder / name) != sha256:
             return f"{name} is not what was written (SHA-256 differs)"
     return None
+
+
+def folder_megabytes(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6

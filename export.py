@@ -12,14 +12,10 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, make_output_dir, publish_dir, run_cli
+from cli import UserError, folder_megabytes, make_output_dir, publish_dir, run_cli
 from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, ICLEVRPipeline, find_model_dir, load_pipeline,
                    read_sampling_settings, write_sampling_settings)
-from sample import describe_guidance, parse_guidance_by_objects, resolve_sampling
-
-
-def folder_megabytes(folder):
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+from sampling import describe_guidance, parse_guidance_by_objects, resolve_sampling
 
 
 def export(source, destination, sampling, half=True, max_shard_mb=None):

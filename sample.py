@@ -22,144 +22,11 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 import dataset
-from cli import UserError, make_output_dir, publish_dir, replacing, run_cli, warn
-from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_COMPOSED, PRECISIONS, SAMPLERS, fast_bf16, load_pipeline,
-                   sampling_scheduler)
+from cli import make_output_dir, publish_dir, replacing, run_cli
+from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS
+from sampling import generate, generation_options, parse_guidance_by_objects, prepare_pipeline
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
-MAX_GUIDANCE = 20.0
-
-
-def pick_device(name=None):
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here (use --device cpu)")
-    return name
-
-
-def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                            guidance_by_objects=None, joint_weight=0.0):
-    """Refuse a sampler, step count, guidance setting or precision out of range (from a flag or a sampling.json)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if steps is not None and not 1 <= steps <= 1000:
-        raise UserError(f"--steps must be between 1 and 1000 (got {steps})")
-    if not 0 <= guidance_scale <= MAX_GUIDANCE:
-        raise UserError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g} (got {guidance_scale:g}; "
-                        f"1 means no guidance)")
-    if guidance_max_t is not None and not 0 <= guidance_max_t <= 1000:
-        raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
-    if not 0 <= joint_weight <= 1:
-        raise UserError(f"--joint-weight must be between 0 and 1 (got {joint_weight:g}; 0: composition alone)")
-    for count, entry in (guidance_by_objects or {}).items():
-        scale, max_t = entry["guidance_scale"], entry.get("guidance_max_t")
-        in_range = max_t is None or 0 <= max_t <= 1000
-        if not (1 <= int(count) <= MAX_COMPOSED and 0 <= scale <= MAX_GUIDANCE and in_range):
-            raise UserError(f"--guidance-by-objects {count}:{scale:g}{'' if max_t is None else f':{max_t}'}: K must be "
-                            f"between 1 and {MAX_COMPOSED}, SCALE between 0 and {MAX_GUIDANCE:g}, MAX_T between 0 and "
-                            f"1000")
-
-
-def parse_guidance_by_objects(texts):
-    """--guidance-by-objects K:SCALE[:MAX_T] ... as sampling.json holds it, {"K": {"guidance_scale": SCALE[,
-    "guidance_max_t": MAX_T]}}; None without the flag."""
-    if not texts:
-        return None
-    settings = {}
-    for text in texts:
-        try:
-            count, scale, *max_t = text.split(":")
-            if len(max_t) > 1:
-                raise ValueError(text)
-            settings[str(int(count))] = {"guidance_scale": float(scale),
-                                         **({"guidance_max_t": int(max_t[0])} if max_t else {})}
-        except ValueError:
-            raise UserError(f"--guidance-by-objects {text}: expected K:SCALE or K:SCALE:MAX_T, e.g. 4:2 (requests of "
-                            f"4 labels at guidance 2 on every step)")
-    return settings
-
-
-def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                      guidance_by_objects=None, joint_weight=0.0):
-    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited,
-    guidance_by_objects only when there is one, joint_weight only when not 0, precision only when not fp32)."""
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
-                            joint_weight)
-    settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-    if guidance_max_t is not None:
-        settings["guidance_max_t"] = guidance_max_t
-    if guidance_by_objects:
-        settings["guidance_by_objects"] = {k: guidance_by_objects[k] for k in sorted(guidance_by_objects, key=int)}
-    if joint_weight:
-        settings["joint_weight"] = joint_weight
-    return settings if precision == "fp32" else {**settings, "precision": precision}
-
-
-def describe_guidance(guidance_scale, guidance_max_t=None, guidance_by_objects=None):
-    """'guidance 3', 'guidance 3 below t=500' or 'guidance 3 below t=500; 4 objects: guidance 2', for printed
-    summaries."""
-    text = f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
-    for count, entry in (guidance_by_objects or {}).items():
-        text += f"; {count} objects: " + describe_guidance(entry["guidance_scale"], entry.get("guidance_max_t"))
-    return text
-
-
-def resolve_sampling(saved, sampler=None, steps=None, guidance_scale=None, guidance_max_t=None, precision=None,
-                     guidance_by_objects=None, joint_weight=None):
-    """The settings to sample with: each explicit value first, then what the model folder was measured with
-    (`saved`, its sampling.json; its steps only with its own sampler), then the defaults (DEFAULT_SAMPLER,
-    DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32). Checked, in the
-    form sampling_settings gives."""
-    sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
-    if steps is None:
-        steps = saved["steps"] if saved.get("sampler") == sampler and "steps" in saved else DEFAULT_STEPS[sampler]
-    if guidance_scale is None:
-        guidance_scale = float(saved.get("guidance_scale", 1.0))
-    if guidance_max_t is None:
-        guidance_max_t = saved.get("guidance_max_t")
-    if guidance_by_objects is None:
-        guidance_by_objects = saved.get("guidance_by_objects")
-    if joint_weight is None:
-        joint_weight = float(saved.get("joint_weight", 0.0))
-    precision = precision or saved.get("precision", "fp32")
-    return sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
-                             joint_weight)
-
-
-def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
-                     precision=None, guidance_by_objects=None, joint_weight=None):
-    """The pipeline with its sampler, and the settings to sample with (resolve_sampling: each flag, then the model
-    folder's sampling.json, then the defaults). bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or
-    AVX512-BF16) is fp32, with a note.
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
-               [, "precision"]})"""
-    check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t, precision or "fp32", guidance_by_objects, joint_weight or 0.0)
-    pipe = load_pipeline(model, pick_device(device))
-    settings = resolve_sampling(pipe.sampling_settings, sampler, steps, guidance_scale, guidance_max_t, precision,
-                                guidance_by_objects, joint_weight)
-    if settings.get("precision") == "bf16" and not fast_bf16(pipe.device.type):
-        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
-        settings.pop("precision")
-    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings["sampler"])
-    return pipe, settings
-
-
-def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
-             guidance_max_t=None, precision="fp32", compose_above="auto", guidance_by_objects=None,
-             joint_weight=0.0):
-    """uint8 images (N, 64, 64, 3); the same seed and settings give the same images. Requests with more labels
-    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests, with the
-    request read whole at `joint_weight`; requests of K labels take the guidance guidance_by_objects[K] =
-    (scale, max_t) where it has one."""
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
-    return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t,
-                precision=precision, compose_above=compose_above, guidance_by_objects=guidance_by_objects,
-                joint_weight=joint_weight).images
 
 
 def grid_image(images_uint8, nrow=8):
@@ -179,16 +46,6 @@ def write_sample_folder(out, images, record):
     (temp / "conditions.json").write_text(json.dumps({**record, "images": names}, indent=1))
     publish_dir(temp, out)
     return out
-
-
-def generation_options(settings, compose_above=None):
-    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's;
-    guidance_by_objects as {K: (scale, max_t)}), with --compose-above where given (0: never compose)."""
-    options = {key: value for key, value in settings.items() if key != "sampler"}
-    if "guidance_by_objects" in options:
-        options["guidance_by_objects"] = {int(count): (entry["guidance_scale"], entry.get("guidance_max_t"))
-                                          for count, entry in options["guidance_by_objects"].items()}
-    return options if compose_above is None else {**options, "compose_above": compose_above or None}
 
 
 def process_frames(samples, estimates, frames):

@@ -31,10 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
 import synthetic  # noqa: E402
-from cli import UserError, make_output_dir, publish_dir, run_cli  # noqa: E402
-from evaluate import parse_condition_arg  # noqa: E402
-from export import folder_megabytes  # noqa: E402
+from cli import UserError, folder_megabytes, make_output_dir, publish_dir, run_cli  # noqa: E402
 from model import PRESETS, build_model, to_sample_size  # noqa: E402
+from scoring import parse_condition_arg  # noqa: E402
 
 TRAVEL_MIB = 64  # what may travel to the machine: the checkout and the bundle together
 WHEELS = ["diffusers==0.42.1", "importlib_metadata==10.2.0"]  # the GPU image has the rest (device/KINDS.md)

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+import training  # noqa: E402
 from model import PRESETS, build_model, training_scheduler  # noqa: E402
 
 
@@ -51,20 +51,20 @@ def main(argv=None):
     labels = (torch.rand(len(images), 24, device=device) < 0.1).float()
     for batch in args.batches:
         model = build_model(args.preset, names, trained_objects=4)
-        optimizer = train.make_optimizer(model, 3e-4, 0.0)
-        lr_scheduler = train.make_lr_scheduler(optimizer, "constant", 10, 1000)
+        optimizer = training.make_optimizer(model, 3e-4, 0.0)
+        lr_scheduler = training.make_lr_scheduler(optimizer, "constant", 10, 1000)
         ema = EMAModel(model.parameters(), decay=0.9995, use_ema_warmup=True, power=2 / 3, foreach=True)
         ema.to(device)
         model, optimizer = accelerator.prepare(model, optimizer)
 
         def loss_of(step):
-            generator = train.step_generator(0, step, 0, device)
-            x0, y = train.training_batch(images, labels, batch, 0, step, accelerator, generator, size)
-            return train.training_loss(model, scheduler, x0, y, generator, 0.1)
+            generator = training.step_generator(0, step, 0, device)
+            x0, y = training.training_batch(images, labels, batch, 0, step, accelerator, generator, size)
+            return training.training_loss(model, scheduler, x0, y, generator, 0.1)
 
         def whole_step(step):
             loss = loss_of(step)
-            train.optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, 1.0)
+            training.optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, 1.0)
             loss.item()
 
         def unet_only(step):

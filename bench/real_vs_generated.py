@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from cli import UserError, replacing, run_cli  # noqa: E402
-from sample import generate, generation_options, prepare_pipeline  # noqa: E402
+from sampling import generate, generation_options, prepare_pipeline  # noqa: E402
 
 def real_scenes(data, count, seed):
     """`count` images of 2 objects or more, at random but the same on every machine."""

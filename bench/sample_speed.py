@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from cli import run_cli  # noqa: E402
-from evaluate import score  # noqa: E402
+from scoring import score  # noqa: E402
 from model import PRECISIONS, count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
-from sample import describe_guidance, generate, pick_device  # noqa: E402
+from sampling import describe_guidance, generate, pick_device  # noqa: E402
 
 DEFAULT_CONFIGS = ["ddim:10", "ddim:25", "ddim:50", "dpm++:10", "dpm++:25", "ddpm:1000"]
 

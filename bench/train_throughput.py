@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from cli import replacing  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
 from model import build_model, count_parameters, fast_bf16, to_sample_size, training_scheduler  # noqa: E402
 
 
@@ -64,9 +64,9 @@ def measure(preset, args, names, images_uint8, labels):
     size = reference.denoising_size
     x0 = to_sample_size(dataset.to_model_input(images_uint8[:args.batch_size]), size)
     y = labels[:args.batch_size]
-    ours_model = train.prepare_model(copy.deepcopy(reference), args.compile)
+    ours_model = training.prepare_model(copy.deepcopy(reference), args.compile)
     with torch.no_grad():
-        ours_loss = train.training_loss(ours_model, scheduler, x0, y, torch.Generator().manual_seed(1), 0.0)
+        ours_loss = training.training_loss(ours_model, scheduler, x0, y, torch.Generator().manual_seed(1), 0.0)
         plain_loss = plain_step_loss(reference, scheduler, x0, y, torch.Generator().manual_seed(1))
     mismatch = abs(ours_loss.item() - plain_loss.item()) / plain_loss.item()
 
@@ -76,18 +76,18 @@ def measure(preset, args, names, images_uint8, labels):
     plain = timed(lambda: plain_step(plain_model, plain_optimizer, scheduler, x0, y, generator),
                   args.warmup, args.repeats, args.steps, args.batch_size)
 
-    optimizer = train.make_optimizer(ours_model, lr=1e-4, weight_decay=0.0)
+    optimizer = training.make_optimizer(ours_model, lr=1e-4, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10**6)
     ema = EMAModel(ours_model.parameters(), decay=0.9999, use_ema_warmup=True, power=2 / 3, foreach=True)
     ours_model, optimizer = accelerator.prepare(ours_model, optimizer)
     state = {"step": 0}
 
     def our_step():
-        generator = train.step_generator(0, state["step"], 0, "cpu")
-        batch, batch_labels = train.training_batch(images_uint8, labels, args.batch_size, 0, state["step"],
+        generator = training.step_generator(0, state["step"], 0, "cpu")
+        batch, batch_labels = training.training_batch(images_uint8, labels, args.batch_size, 0, state["step"],
                                                    accelerator, generator, size)
-        loss = train.training_loss(ours_model, scheduler, batch, batch_labels, generator, 0.1)
-        train.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
+        loss = training.training_loss(ours_model, scheduler, batch, batch_labels, generator, 0.1)
+        training.optimisation_step(accelerator, ours_model, optimizer, lr_scheduler, ema, loss, 1.0)
         state["step"] += 1
 
     def our_bf16_step():
@@ -102,7 +102,7 @@ def measure(preset, args, names, images_uint8, labels):
 
 
 def plain_step_loss(model, scheduler, x0, labels, generator):
-    """The baseline's loss with the noise and timesteps train.training_loss draws from the same generator."""
+    """The baseline's loss with the noise and timesteps training.training_loss draws from the same generator."""
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, 1000, (len(x0),), generator=generator)
     torch.rand(len(x0), generator=generator)  # train.py draws its label-dropout mask here
@@ -123,7 +123,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="train.py --compile for 'ours'")
     p.add_argument("--json", help="also write the unrounded numbers of every row to this file")
     args = p.parse_args()
-    args.model_options = dict(train.parse_model_option(p, text) for text in args.model_option)
+    args.model_options = dict(training.parse_model_option(p, text) for text in args.model_option)
     names = dataset.Vocabulary.load(dataset.DEFAULT_VOCABULARY).names
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(256, args.batch_size), 64, 64, 3), dtype=torch.uint8, generator=generator)

@@ -88,7 +88,7 @@ def fit_tiny(data_dir, beta_schedule="linear", steps=150, lr=3e-3, count=8, pres
 
     import dataset
     import model as model_lib
-    from train import training_loss
+    from training import training_loss
 
     data = dataset.load_training_set(data_dir)
     labels = torch.from_numpy(data.labels[:count])

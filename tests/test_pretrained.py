@@ -21,7 +21,7 @@ THREE_OBJECT_THRESHOLD = 0.85
 
 
 def test_a_model_is_shipped_small():
-    from export import folder_megabytes
+    from cli import folder_megabytes
 
     assert SHIPPED, "pretrained/ holds no model folder"
     for folder in SHIPPED:
@@ -38,14 +38,14 @@ def test_a_model_is_shipped_small():
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
 def shipped(request):
-    from sample import prepare_pipeline
+    from sampling import prepare_pipeline
 
     pipe, settings = prepare_pipeline(request.param)
     return request.param, pipe, settings
 
 
 def test_loads_and_samples_deterministically_with_its_settings(shipped):
-    from sample import generate, generation_options
+    from sampling import generate, generation_options
 
     folder, pipe, settings = shipped
     assert settings == json.loads((folder / "sampling.json").read_text())
@@ -63,9 +63,9 @@ def test_draws_the_requested_objects(shipped):
     if not EVALUATOR.is_file():
         pytest.skip(f"project evaluator not found at {EVALUATOR}")
     import dataset
-    from evaluate import score
+    from scoring import score
     from evaluator import evaluation_model
-    from sample import generate, generation_options
+    from sampling import generate, generation_options
 
     folder, pipe, settings = shipped
     names = pipe.unet.vocabulary.names
@@ -80,9 +80,9 @@ def test_draws_three_requested_objects(shipped):
     if not EVALUATOR.is_file():
         pytest.skip(f"project evaluator not found at {EVALUATOR}")
     import dataset
-    from evaluate import score
+    from scoring import score
     from evaluator import evaluation_model
-    from sample import generate, generation_options
+    from sampling import generate, generation_options
 
     folder, pipe, settings = shipped
     vocabulary = dataset.find_vocabulary()

@@ -41,6 +41,7 @@ def test_sample_writes_grid_images_conditions_and_process(samples, synthetic_dat
 
 def test_process_columns_follow_the_image_from_noise_to_the_final_one(tiny_run):
     import sample as sample_lib
+    import sampling
     from model import load_pipeline, sampling_scheduler
 
     pipe = load_pipeline(tiny_run / "model")
@@ -55,7 +56,7 @@ def test_process_columns_follow_the_image_from_noise_to_the_final_one(tiny_run):
     chosen = sample_lib.process_columns(pipe, labels, 0, steps=12, frames=6)
     assert len(chosen) == 6 and chosen[0][0] == "t=999" and chosen[-1][0] == "final"
     assert {title for title, _, _ in chosen} <= set(titles)
-    generated = sample_lib.generate(pipe, [labels], 0, 12)[0]
+    generated = sampling.generate(pipe, [labels], 0, 12)[0]
     assert np.array_equal((chosen[-1][1] * 255).round().astype(np.uint8), generated)  # the final image itself
 
 
@@ -177,7 +178,7 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
         return record["sampler"], record["steps"], record["guidance_scale"], record.get("guidance_max_t")
 
     assert settings() == ("ddim", 3, 2.0, 500)
-    from sample import prepare_pipeline
+    from sampling import prepare_pipeline
     # a folder without sampling.json (train.py's model/ when it did not evaluate): DDIM, not dpm++ (at chance on
     # epsilon models with linear betas) or ddpm (1000 steps)
     assert not (tiny_run / "model" / "sampling.json").exists()
@@ -230,7 +231,7 @@ def test_condition_files_of_one_name_get_folders_of_their_own(tiny_run, syntheti
 
 
 def test_bf16_sampling_is_close_to_fp32_and_stored_with_an_export(tiny_run, tmp_path):
-    import sample as sample_lib
+    import sampling as sample_lib
     from model import fast_bf16
 
     pipe, settings = sample_lib.prepare_pipeline(tiny_run / "model", "ddim", 4, 1.0, precision="bf16")

@@ -107,7 +107,7 @@ def test_object_mask_marks_the_objects_not_the_floor(synthetic_data):
     from PIL import Image
 
     import dataset
-    from train import object_mask
+    from training import object_mask
 
     image = np.asarray(Image.open(synthetic_data / "iclevr" / "SYNTH_train_000000_2.png"))
     x0 = dataset.to_model_input(torch.from_numpy(image[None].copy()))
@@ -124,7 +124,7 @@ def test_weighted_losses_match_their_definitions():
     from diffusers.training_utils import compute_snr
 
     from model import training_scheduler
-    from train import object_mask, training_loss
+    from training import object_mask, training_loss
 
     scheduler = training_scheduler()
     x0 = torch.rand(4, 3, 64, 64) * 2 - 1
@@ -256,7 +256,7 @@ def test_timestep_power_favours_high_noise(power):
     """Density proportional to (t/T)^(P-1): the mean of t/T is P/(P+1); power 1 is torch.randint itself."""
     import torch
 
-    from train import training_timesteps
+    from training import training_timesteps
 
     t = training_timesteps(200_000, 1000, torch.Generator().manual_seed(0), "cpu", power)
     assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64

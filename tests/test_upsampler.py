@@ -62,7 +62,7 @@ def test_training_beats_bicubic_on_held_out_scenes(upsampled, synthetic_data):
 
 def test_the_folder_keeps_the_unet_and_the_pipeline_uses_the_upsampler(upsampled, tokens_folder):
     from model import load_pipeline
-    from sample import generate
+    from sampling import generate
 
     folder, _ = upsampled
     before, after = digests(tokens_folder), digests(folder)
@@ -94,7 +94,7 @@ def test_an_upsampler_can_be_taken_from_another_folder(upsampled, tokens_folder,
 
 def test_export_keeps_the_upsampler(upsampled, tmp_path):
     from model import load_pipeline
-    from sample import generate
+    from sampling import generate
 
     folder, _ = upsampled
     code, _, stderr = run_main("export.py", folder, tmp_path / "shared", "--steps", 3)
