@@ -21,8 +21,7 @@ from PIL import Image
 import dataset
 from cli import UserError, make_output_dir, read_json, replacing, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS
-from sampling import generation_options, parse_guidance_by_objects, prepare_pipeline
+from sampling import add_sampling_flags, generation_options, prepare_pipeline, sampling_flags
 from scoring import MISREADINGS, frechet_to_real, generate_sets, parse_condition_arg, score_sets
 
 
@@ -115,27 +114,7 @@ def parse_args(argv=None):
                         "objects:K:N[:SEED] (N sets of K objects from different training scenes) (default: "
                         "DATA_DIR/test.json DATA_DIR/new_test.json)")
     p.add_argument("--seeds", type=int, default=1, help="score with seeds 0..N-1 and report mean ± std")
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help=f"sampler for --model (default: the model folder's sampling.json, else {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model folder's, else " +
-                   ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    p.add_argument("--guidance-scale", type=float,
-                   help="classifier-free guidance, 1 = none (default: the model folder's, else 1)")
-    p.add_argument("--guidance-max-t", type=int,
-                   help="guide only the steps at timesteps below this; 1000 = every step (default: the model "
-                        "folder's, else every step)")
-    p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
-                   help="a guidance of its own for requests of K labels, e.g. 4:2 (scale 2 on every step); others "
-                        "keep --guidance-scale and --guidance-max-t (default: the model folder's, else none)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="the UNet's arithmetic while sampling: fp32, or bf16 where the hardware has it (default: "
-                        "the model folder's, else fp32); the evaluator always scores in fp32")
-    p.add_argument("--compose-above", type=int, metavar="N",
-                   help="draw requests of more than N labels by composing their N-label sub-requests (default: the "
-                        "largest scene the model was trained on; 0: never)")
-    p.add_argument("--joint-weight", type=float, metavar="W",
-                   help="for a composed request, the share of its conditional output that reads the request whole "
-                        "(default: the model folder's, else 0: composition alone)")
+    add_sampling_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", action="append", metavar="CHECKPOINT",
@@ -182,9 +161,7 @@ def main(argv=None):
             condition_sets[name] = label_lists
         whose = vocabulary.source
     else:
-        pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                          args.guidance_max_t, args.precision,
-                                          parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
+        pipe, sampling = prepare_pipeline(args.model, device=args.device, **sampling_flags(args))
         vocabulary, whose = pipe.unet.vocabulary, "the model"
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         names, requests = zip(*(parse_condition_arg(text, vocabulary, data) for text in sources))

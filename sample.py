@@ -23,8 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from cli import make_output_dir, publish_dir, replacing, run_cli
-from model import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS
-from sampling import generate, generation_options, parse_guidance_by_objects, prepare_pipeline
+from sampling import add_sampling_flags, generate, generation_options, prepare_pipeline, sampling_flags
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 
@@ -121,35 +120,7 @@ def parse_args(argv=None):
                         "DATA_DIR/new_test.json when neither --labels nor --process is given)")
     p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR, help="where the default condition files are")
     p.add_argument("--labels", help='one label set, comma-separated: "red sphere,cyan cube"')
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at chance "
-                        "on epsilon models with linear betas) (default: the model folder's sampling.json, else "
-                        f"{DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=int,
-                   help="denoising steps (default: the model folder's, else " +
-                        ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    p.add_argument("--guidance-scale", type=float,
-                   help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
-                        "(default: the model folder's, else 1)")
-    p.add_argument("--guidance-max-t", type=int,
-                   help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
-                        "others; 1000 guides every step (default: the model folder's, else every step)")
-    p.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
-                   help="a guidance of its own for requests of K labels, e.g. 4:2 (four-label requests at scale 2 on "
-                        "every step) or 3:4:500 (scale 4 below t=500); other requests keep --guidance-scale and "
-                        "--guidance-max-t (default: the model folder's, else none)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it "
-                        "(AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere (default: the model folder's, "
-                        "else fp32)")
-    p.add_argument("--compose-above", type=int, metavar="N",
-                   help="draw requests of more than N labels by composing their N-label sub-requests, one batched "
-                        "pass per step (default: the largest scene the model was trained on, 3 for i-CLEVR, so "
-                        "that 4 to 6 objects can be asked for; 0: never, joint sampling of every request)")
-    p.add_argument("--joint-weight", type=float, metavar="W",
-                   help="for a composed request, the share of its conditional output that reads the request whole "
-                        "(as far as the model reads: 4 object tokens), the rest shared by its sub-requests; 0: "
-                        "composition alone (default: the model folder's, else 0)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -171,9 +142,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    pipe, sampling = prepare_pipeline(args.model, args.sampler, args.steps, args.guidance_scale, args.device,
-                                      args.guidance_max_t, args.precision,
-                                      parse_guidance_by_objects(args.guidance_by_objects), args.joint_weight)
+    pipe, sampling = prepare_pipeline(args.model, device=args.device, **sampling_flags(args))
     options = generation_options(sampling, args.compose_above)
     vocabulary = pipe.unet.vocabulary
     sources, names, requests = [], [], []

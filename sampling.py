@@ -12,6 +12,8 @@ from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_COMPOSED, PRECISIONS, SAM
                    sampling_scheduler)
 
 MAX_GUIDANCE = 20.0
+# what each sampling flag's default is when it is not given
+FOLDER_DEFAULT = "the model folder's sampling.json"
 
 
 def pick_device(name=None):
@@ -130,6 +132,52 @@ def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, devic
         settings.pop("precision")
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings["sampler"])
     return pipe, settings
+
+
+def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True):
+    """The sampling flags sample.py, evaluate.py and export.py share, with one help text each: sampler, steps,
+    guidance scale and range, guidance per object count, joint weight, precision and (with `compose`) the
+    composition threshold. Unset, each is None: `default_from` (a model folder's sampling.json), then the defaults
+    (resolve_sampling)."""
+    steps = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at "
+                             f"chance on epsilon models with linear betas) (default: {default_from}, else "
+                             f"{DEFAULT_SAMPLER})")
+    parser.add_argument("--steps", type=int,
+                        help=f"denoising steps (default: {default_from}, with its own sampler only; else {steps})")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
+                             f"(default: {default_from}, else 1)")
+    parser.add_argument("--guidance-max-t", type=int,
+                        help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
+                             f"others; 1000 guides every step (default: {default_from}, else every step)")
+    parser.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
+                        help="a guidance of its own for requests of K labels, e.g. 4:2 (four-label requests at scale "
+                             "2 on every step) or 3:4:500 (scale 4 below t=500); other requests keep "
+                             f"--guidance-scale and --guidance-max-t (default: {default_from}, else none)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has "
+                             "it (AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere; an evaluator always "
+                             f"scores in fp32 (default: {default_from}, else fp32)")
+    parser.add_argument("--joint-weight", type=float, metavar="W",
+                        help="for a composed request, the share of its conditional output that reads the request "
+                             "whole (as far as the model reads: 4 object tokens), the rest shared by its "
+                             f"sub-requests; 0: composition alone (default: {default_from}, else 0)")
+    if compose:
+        parser.add_argument("--compose-above", type=int, metavar="N",
+                            help="draw requests of more than N labels by composing their N-label sub-requests, one "
+                                 "batched pass per step (default: the largest scene the model was trained on, 4 for "
+                                 "the shipped model, so that 5 and 6 objects can be asked for; 0: never, joint "
+                                 "sampling of every request)")
+
+
+def sampling_flags(args):
+    """The values of add_sampling_flags' flags, as resolve_sampling and prepare_pipeline take them."""
+    return {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
+            "guidance_max_t": args.guidance_max_t, "precision": args.precision,
+            "guidance_by_objects": parse_guidance_by_objects(args.guidance_by_objects),
+            "joint_weight": args.joint_weight}
 
 
 def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
