@@ -151,6 +151,13 @@ def main(argv=None):
     data = dataset.load_training_set(args.data_dir) if have_data and (args.model or args.reference_images) else None
     if args.samples:
         vocabulary = dataset.find_vocabulary(args.data_dir)
+        whose = vocabulary.source
+    else:
+        pipe, sampling = prepare_pipeline(args.model, device=args.device, **sampling_flags(args))
+        vocabulary, whose = pipe.unet.vocabulary, "the model"
+    for evaluator in evaluators.values():  # before any image is read or drawn
+        evaluator.check_label_order(vocabulary, whose)
+    if args.samples:
         drawn, condition_sets, settings = {}, {}, {"samples": args.samples}
         for folder in args.samples:
             record, label_lists, batch = load_sample_folder(folder, vocabulary)
@@ -159,22 +166,15 @@ def main(argv=None):
                 name = str(folder)  # not another seed of the same requests: scored on its own
             drawn.setdefault(name, {})[seed] = batch
             condition_sets[name] = label_lists
-        whose = vocabulary.source
     else:
-        pipe, sampling = prepare_pipeline(args.model, device=args.device, **sampling_flags(args))
-        vocabulary, whose = pipe.unet.vocabulary, "the model"
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         names, requests = zip(*(parse_condition_arg(text, vocabulary, data) for text in sources))
         condition_sets = dict(zip(dataset.unique_set_names(sources, list(names)), requests))
-        for evaluator in evaluators.values():  # before minutes of sampling
-            evaluator.check_label_order(vocabulary, whose)
         drawn = generate_sets(pipe, condition_sets, range(args.seeds), args.batch_size,
                               **generation_options(sampling, args.compose_above))
         settings = {"model": args.model, **sampling, "seeds": args.seeds, "conditions": sources}
-    by_evaluator = {}
-    for path, evaluator in evaluators.items():
-        evaluator.check_label_order(vocabulary, whose)
-        by_evaluator[path] = score_sets(evaluator, drawn, condition_sets, vocabulary)
+    by_evaluator = {path: score_sets(evaluator, drawn, condition_sets, vocabulary)
+                    for path, evaluator in evaluators.items()}
     first, results = next(iter(evaluators.items())), next(iter(by_evaluator.values()))
     if data is not None and args.reference_images:
         for name, by_seed in drawn.items():

@@ -9,7 +9,7 @@ import torch
 
 import dataset
 from cli import UserError
-from evaluator import topk_choices, topk_hits
+from evaluator import topk_choices
 from sampling import generate
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
@@ -17,23 +17,22 @@ ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one ima
 
 def score(evaluator, images_uint8, label_lists, vocabulary):
     """Pooled accuracy of one set of images, overall and by number of objects, and what the evaluator read
-    instead of each label it missed ("misread": {image index: [[missed, read instead], ...]})."""
+    instead of each label it missed ("misread": {image index: [[missed, read instead], ...]}). One top-k read per
+    image (evaluator.topk_choices, as topk_hits counts it) serves all three."""
     onehot = vocabulary.encode_all(label_lists)
     scores = evaluator.predict(dataset.to_model_input(torch.from_numpy(np.ascontiguousarray(images_uint8))))
-    counts = onehot.sum(1).long()
-    by_objects = {}
-    for k in sorted(set(counts.tolist())):
-        hits, total = topk_hits(scores[counts == k], onehot[counts == k])
-        by_objects[str(k)] = hits / total
-    hits, total = topk_hits(scores, onehot)
-    misread = {}
+    hits, misread = [], {}
     for i, chosen in enumerate(topk_choices(scores, onehot)):
         read = [vocabulary.names[j] for j in chosen]
-        pairs = pair_misreadings([name for name in label_lists[i] if name not in read],
-                                 [name for name in read if name not in label_lists[i]])
+        missed = [name for name in label_lists[i] if name not in read]
+        hits.append(len(label_lists[i]) - len(missed))
+        pairs = pair_misreadings(missed, [name for name in read if name not in label_lists[i]])
         if pairs:
             misread[str(i)] = pairs
-    return {"accuracy": hits / total, "by_objects": by_objects, "misread": misread}
+    counts = [len(labels) for labels in label_lists]
+    by_objects = {str(k): sum(h for h, n in zip(hits, counts) if n == k) / (k * counts.count(k))
+                  for k in sorted(set(counts))}
+    return {"accuracy": sum(hits) / sum(counts), "by_objects": by_objects, "misread": misread}
 
 
 def colour_and_shape(label):
