@@ -431,48 +431,66 @@ def added_objects(filenames, label_lists):
     return steps
 
 
-def composite_scenes(data, count, seed=0, batch=256):
-    """`count` images of one object more than the data's largest scenes, as a TrainingSet: a largest-scene image
-    with an object pasted in from another scene, at the place that scene added it. i-CLEVR renders every scene
+def composite_scenes(data, count, seed=0, batch=256, pastes=1):
+    """`count` images of more objects than the data's largest scenes, as a TrainingSet: a largest-scene image with
+    objects pasted in from other scenes, each at the place its own scene added it. i-CLEVR renders every scene
     from one camera under one light, so an object and its shadow fit wherever the floor under and around them
     matches in both scenes; a paste is kept only where it does (FLOOR_TOLERANCE), so it covers no object of the
-    scene it joins. The pasted label is always a new one: labels do not repeat within a scene."""
+    scene it joins, pasted ones included. Pasted labels are always new: labels do not repeat within a scene.
+    With `pastes` > 1 the count is shared between 1, 2, ... `pastes` pasted objects (4, 5, 6 on i-CLEVR): each
+    round pastes one object more into the composites of the round before."""
     steps = added_objects(data.filenames, data.label_lists)
     if not steps:
         raise UserError("composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), "
                         "one object added each time; this data has none")
     objects = data.labels.sum(1)
-    bases = np.flatnonzero(objects == objects.max())
-    grow = max(1, data.images.shape[1] // 21)  # the margin of floor that must match: 3 pixels at 64
+    largest = np.flatnonzero(objects == objects.max())
+    base_images, base_labels = data.images[largest], [list(data.label_lists[i]) for i in largest]
     rng = np.random.default_rng(seed)
     images, label_lists = [], []
     with tqdm(total=count, desc="composite scenes", unit="img", leave=False) as bar:
-        for _ in range(max(1, count) * 1000 // batch):  # about 1 paste in 8 fits: never loops for ever
-            if len(images) >= count:
-                break
-            base = rng.choice(bases, batch)
-            before, after, label = zip(*(steps[i] for i in rng.integers(len(steps), size=batch)))
-            base_images = data.images[base].astype(np.int16)
-            before_images = data.images[list(before)].astype(np.int16)
-            after_images = data.images[list(after)].astype(np.int16)
-            changed = np.abs(after_images - before_images).sum(-1) > OBJECT_THRESHOLD
-            mask = torch.from_numpy(changed)[:, None].float()
-            around = torch.nn.functional.max_pool2d(mask, 2 * grow + 1, 1, grow)[:, 0].numpy() > 0
-            floor_gap = np.where(around, np.abs(base_images - before_images).sum(-1), 0).max((1, 2))
-            # soft edges: the changed pixels grown by one, then blurred by one
-            alpha = torch.nn.functional.avg_pool2d(torch.nn.functional.max_pool2d(mask, 3, 1, 1), 3, 1, 1)
-            alpha = alpha[:, 0, ..., None].numpy()
-            for k in np.flatnonzero(changed.any((1, 2)) & (floor_gap < FLOOR_TOLERANCE)):
-                if len(images) == count:
-                    break
-                if label[k] in data.label_lists[base[k]]:
-                    continue
-                pasted = base_images[k] * (1 - alpha[k]) + after_images[k] * alpha[k]
-                images.append(np.clip(pasted, 0, 255).round().astype(np.uint8))
-                label_lists.append(list(data.label_lists[base[k]]) + [label[k]])
-                bar.update()
-    if len(images) < count:
-        raise UserError(f"only {len(images)} of {count} composite scenes found a place to paste their object")
+        for pasted, share in enumerate(np.array_split(np.arange(count), pastes), 1):
+            base_images, base_labels = paste_objects(data, steps, base_images, base_labels, len(share), rng,
+                                                     batch, bar)
+            if len(base_labels) < len(share):
+                what = "their object" if pasted == 1 else f"object {pasted} of {pastes}"
+                raise UserError(f"only {len(base_labels)} of {len(share)} composite scenes found a place to paste "
+                                f"{what}" + (" (the floor fills up: fewer --composite-pastes or more --composite-scenes)"
+                                               if pasted > 1 else ""))
+            images.extend(base_images)
+            label_lists.extend(base_labels)
     labels = np.stack([data.vocabulary.encode(names) for names in label_lists])
     filenames = [f"composite_{i:06d}.png" for i in range(count)]
     return TrainingSet(np.stack(images), labels, filenames, label_lists, data.vocabulary, data.data_dir)
+
+
+def paste_objects(data, steps, base_images, base_labels, count, rng, batch, bar):
+    """Up to `count` of the bases, drawn at random, each with one object more: one of `steps` (added_objects)
+    pasted where it fits. -> (uint8 images, label lists); fewer where few places fit"""
+    grow = max(1, data.images.shape[1] // 21)  # the margin of floor that must match: 3 pixels at 64
+    images, label_lists = [], []
+    for _ in range(max(1, count) * 1000 // batch):  # about 1 paste in 8 fits: never loops for ever
+        if len(images) >= count:
+            break
+        base = rng.choice(len(base_images), batch)
+        before, after, label = zip(*(steps[i] for i in rng.integers(len(steps), size=batch)))
+        chosen_images = base_images[base].astype(np.int16)
+        before_images = data.images[list(before)].astype(np.int16)
+        after_images = data.images[list(after)].astype(np.int16)
+        changed = np.abs(after_images - before_images).sum(-1) > OBJECT_THRESHOLD
+        mask = torch.from_numpy(changed)[:, None].float()
+        around = torch.nn.functional.max_pool2d(mask, 2 * grow + 1, 1, grow)[:, 0].numpy() > 0
+        floor_gap = np.where(around, np.abs(chosen_images - before_images).sum(-1), 0).max((1, 2))
+        # soft edges: the changed pixels grown by one, then blurred by one
+        alpha = torch.nn.functional.avg_pool2d(torch.nn.functional.max_pool2d(mask, 3, 1, 1), 3, 1, 1)
+        alpha = alpha[:, 0, ..., None].numpy()
+        for k in np.flatnonzero(changed.any((1, 2)) & (floor_gap < FLOOR_TOLERANCE)):
+            if len(images) == count:
+                break
+            if label[k] in base_labels[base[k]]:
+                continue
+            pasted = chosen_images[k] * (1 - alpha[k]) + after_images[k] * alpha[k]
+            images.append(np.clip(pasted, 0, 255).round().astype(np.uint8))
+            label_lists.append(base_labels[base[k]] + [label[k]])
+            bar.update()
+    return np.stack(images) if images else base_images[:0], label_lists

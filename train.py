@@ -65,6 +65,11 @@ def parse_args(argv=None):
                            "i-CLEVR), each a largest scene with an object of another training scene pasted in "
                            "(dataset.composite_scenes): the model then draws that many objects jointly, and "
                            "composes only beyond (default 0: the data as it is)")
+    data.add_argument("--composite-pastes", type=int, default=1, metavar="K",
+                      help="paste up to K objects into each composite: the --composite-scenes are shared evenly "
+                           "between 1..K pasted objects (4..3+K objects on i-CLEVR), each round pasting into the "
+                           "round before's composites; an object-token model then needs --model-option "
+                           "max_objects=3+K (default 1)")
 
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
@@ -174,6 +179,11 @@ def parse_args(argv=None):
         p.error("--meter-every must be 0 (off) or more")
     if args.composite_scenes < 0:
         p.error("--composite-scenes must be 0 (none) or more")
+    if args.composite_pastes < 1:
+        p.error("--composite-pastes must be 1 or more")
+    if 0 < args.composite_scenes < args.composite_pastes:
+        p.error(f"--composite-scenes {args.composite_scenes} is fewer than --composite-pastes "
+                f"{args.composite_pastes}: each count of pasted objects needs a share")
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     return args
@@ -251,7 +261,8 @@ def add_composite_scenes(data, args):
     """The training set plus --composite-scenes pasted from its own scenes (never from the meter's)."""
     if not args.composite_scenes:
         return data
-    return data.joined(dataset.composite_scenes(data, args.composite_scenes, seed=args.seed))
+    return data.joined(dataset.composite_scenes(data, args.composite_scenes, seed=args.seed,
+                                                pastes=args.composite_pastes))
 
 
 def check_object_counts(model):

@@ -242,6 +242,30 @@ def test_composite_scenes_paste_one_new_object_into_a_largest_scene(synthetic_da
     assert not np.array_equal(dataset.composite_scenes(data, 12, seed=1).images, composites.images)
 
 
+def test_composite_scenes_with_several_pastes(synthetic_data):
+    """--composite-pastes 3: the count is shared between 1, 2 and 3 pasted objects; a k-paste composite is a
+    3-object training image with k new labels, unchanged but for local patches; the same seed gives the same."""
+    data = dataset.load_training_set(synthetic_data)
+    composites = dataset.composite_scenes(data, 9, seed=0, pastes=3)
+    assert composites.labels.sum(1).tolist() == [4.0] * 3 + [5.0] * 3 + [6.0] * 3
+    bases = np.flatnonzero(data.labels.sum(1) == 3)
+    for image, labels in zip(composites.images, composites.label_lists):
+        same = (data.images[bases] == image).all(-1).mean((1, 2))
+        base = bases[same.argmax()]
+        pasted = len(labels) - 3
+        assert 1.0 - 0.2 * pasted < same.max() < 1.0  # a few local patches on one base image
+        assert labels[:3] == data.label_lists[base] and len(set(labels)) == len(labels)
+    again = dataset.composite_scenes(data, 9, seed=0, pastes=3)
+    assert np.array_equal(again.images, composites.images) and again.label_lists == composites.label_lists
+    for image, labels in zip(composites.images[6:], composites.label_lists[6:]):  # pasted into a 5-object one
+        same = (composites.images[3:6] == image).all(-1).mean((1, 2))
+        assert 0.8 < same.max() < 1.0 and composites.label_lists[3 + same.argmax()] == labels[:5]
+    with pytest.raises(UserError) as error:  # 2 five-object bases on this small set: no room for a sixth
+        dataset.composite_scenes(data, 6, seed=0, pastes=3)
+    assert str(error.value) == ("only 0 of 2 composite scenes found a place to paste object 3 of 3 (the floor "
+                                "fills up: fewer --composite-pastes or more --composite-scenes)")
+
+
 def test_real_composite_scenes(real_data, tmp_path_factory):
     data = dataset.load_training_set(real_data, cache_dir=tmp_path_factory.mktemp("cache"))
     composites = dataset.composite_scenes(data, 64, seed=0)

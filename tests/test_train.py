@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -380,6 +381,43 @@ def test_composite_scenes_teach_one_object_more(synthetic_data, tmp_path):
         "error: composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), one object "
         "added each time; this data has none")
     assert not (tmp_path / "last" / "checkpoints").exists()
+
+
+def test_composites_of_several_pastes_teach_five_and_six_objects(synthetic_data, tmp_path):
+    """--composite-pastes 3 adds 4-, 5- and 6-object images. An object-token model with 4 tokens would drop
+    labels, so it is refused in one line; with 6 tokens the model draws 5 and 6 objects jointly, one UNet row a
+    request, the same images for the same seed."""
+    from model import load_pipeline
+
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "four", *TINY,
+                            "--preset", "tiny-tokens", "--composite-scenes", 30, "--composite-pastes", 3)
+    assert code == 2 and last_line(err).endswith("(add --model-option max_objects=6)")
+    assert not (tmp_path / "four" / "checkpoints").exists()
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--composite-pastes", 0)
+    assert code == 2 and last_line(err).endswith("error: --composite-pastes must be 1 or more")
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--composite-scenes", 2, "--composite-pastes", 3)
+    assert code == 2 and last_line(err).endswith(
+        "error: --composite-scenes 2 is fewer than --composite-pastes 3: each count of pasted objects needs a share")
+    result = train(synthetic_data, tmp_path / "six", "--preset", "tiny-tokens", "--max-steps", 1, "--meter-every", 0,
+                   "--composite-scenes", 30, "--composite-pastes", 3, "--model-option", "max_objects=6")
+    assert result.returncode == 0, result.stderr
+    pipe = load_pipeline(tmp_path / "six" / "model")
+    assert (pipe.unet.config.trained_objects, pipe.unet.config.max_objects) == (6, 6)
+    pipe.set_progress_bar_config(disable=True)
+    requests = [["red sphere", "cyan cube", "gray cylinder", "yellow cube", "blue sphere"],
+                ["red sphere", "cyan cube", "gray cylinder", "yellow cube", "blue sphere", "green cylinder"]]
+    rows, owner, _ = pipe.sub_requests(pipe.label_vectors(requests), pipe.default_compose_above())
+    assert owner.tolist() == [0, 1] and rows.sum(1).tolist() == [5, 6]  # joint: no composition
+
+    def draw(seed):
+        return pipe(requests, num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    images = draw(0)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    assert np.array_equal(images, draw(0)) and not np.array_equal(images, draw(1))
 
 
 def test_a_recipe_file_trains_and_a_flag_overrides_it(synthetic_data, write_json, tmp_path):
