@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cli import MANIFEST, UserError, manifest_problem, publish_dir, warn
-from model import ICLEVRPipeline, Upsampler, load_pipeline, write_sampling_settings
+from model import ICLEVRPipeline, Upsampler, load_pipeline
 
 
 def lock_run_dir(run_dir):
@@ -66,7 +66,7 @@ def export_pipeline(model, ema, noise_scheduler, folder, sampling=None, upsample
     ICLEVRPipeline(unet=model, scheduler=noise_scheduler, upsampler=upsampler).save_pretrained(temp)
     ema.restore(model.parameters())
     if sampling:
-        write_sampling_settings(temp, sampling)
+        sampling.write(temp)
     publish_dir(temp, folder, manifest=True)
 
 
@@ -146,9 +146,10 @@ def find_checkpoint(run_dir, resume, set_aside_damaged=True):
     return path
 
 
-def check_compatible(saved_config, model, where):
+def check_compatible(saved_config, model, where, free=()):
     """Refuse a checkpoint of another architecture or vocabulary with a message that names the difference.
-    `saved_config` is a saved config.json's content or a loaded model's config; both sides are compared as JSON."""
+    `saved_config` is a saved config.json's content or a loaded model's config; both sides are compared as JSON.
+    Keys in `free` may differ."""
     current, saved_config = (json.loads(json.dumps(dict(config))) for config in (model.config, saved_config))
     saved_names, names = saved_config.get("label_names"), current["label_names"]
     if saved_names != names:
@@ -156,18 +157,26 @@ def check_compatible(saved_config, model, where):
         raise UserError(f"{where} was trained with another label vocabulary ({len(saved_names)} labels, first "
                         f"{saved_names[0]!r}) than this run ({len(names)} labels, first {names[0]!r})")
     for key, value in sorted(saved_config.items(), key=lambda item: item[0] != "preset"):  # preset first
-        if key == "trained_objects":  # what the run's data holds, not the architecture: the run's own counts
+        if key == "trained_objects" or key in free:  # trained_objects: what the run's data holds, not the model
             continue
         if not key.startswith("_") and key in current and current[key] != value:
             raise UserError(f"{where} has {key}={value}, but this run has {key}={current[key]} "
                             f"(use the same --preset and --model-option as the checkpoint)")
 
 
+TOKEN_OPTIONS = ("max_objects", "null_tokens")  # how many object tokens a model reads: not in its weights
+
+
 def initialise_from(path, model, prediction_type):
     """--init: copy the UNet weights of a trained model folder into the freshly built `model`; returns the
     folder's learned upsampler (None without one), which the run's exports then carry."""
     pipe = load_pipeline(path)
-    check_compatible(pipe.unet.config, model, path)
+    check_compatible(pipe.unet.config, model, path, free=TOKEN_OPTIONS)
+    before, after = (config.get("max_objects") for config in (pipe.unet.config, model.config))
+    if before is not None and after > before and model.config.get("null_tokens") is None:
+        warn(f"{path} read {before} object tokens and this run reads {after}: more null tokens change what it "
+             f"draws for every request (--model-option null_tokens={before} keeps its requests of up to {before} "
+             f"objects as they were)")
     if pipe.scheduler.config.prediction_type != prediction_type:
         raise UserError(f"{path} predicts {pipe.scheduler.config.prediction_type}, but this run trains "
                         f"{prediction_type} (pass --prediction-type {pipe.scheduler.config.prediction_type})")

@@ -21,7 +21,8 @@ from PIL import Image
 import dataset
 from cli import UserError, make_output_dir, read_json, replacing, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model
-from sampling import add_sampling_flags, generation_options, prepare_pipeline, sampling_flags
+from model import prepare_pipeline
+from sampling import add_sampling_flags, compose_threshold, sampling_flags
 from scoring import MISREADINGS, frechet_to_real, generate_sets, parse_condition_arg, score_sets
 
 
@@ -170,9 +171,9 @@ def main(argv=None):
         sources = args.conditions or dataset.default_condition_files(args.data_dir)
         names, requests = zip(*(parse_condition_arg(text, vocabulary, data) for text in sources))
         condition_sets = dict(zip(dataset.unique_set_names(sources, list(names)), requests))
-        drawn = generate_sets(pipe, condition_sets, range(args.seeds), args.batch_size,
-                              **generation_options(sampling, args.compose_above))
-        settings = {"model": args.model, **sampling, "seeds": args.seeds, "conditions": sources}
+        drawn = generate_sets(pipe, condition_sets, sampling, range(args.seeds), args.batch_size,
+                              compose_threshold(args))
+        settings = {"model": args.model, **sampling.to_json(), "seeds": args.seeds, "conditions": sources}
     by_evaluator = {path: score_sets(evaluator, drawn, condition_sets, vocabulary)
                     for path, evaluator in evaluators.items()}
     first, results = next(iter(evaluators.items())), next(iter(by_evaluator.values()))

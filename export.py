@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from cli import UserError, folder_megabytes, make_output_dir, publish_dir, run_cli
-from model import ICLEVRPipeline, find_model_dir, load_pipeline, read_sampling_settings, write_sampling_settings
-from sampling import add_sampling_flags, describe_guidance, resolve_sampling, sampling_flags
+from model import ICLEVRPipeline, find_model_dir, load_pipeline
+from sampling import SamplingSettings, add_sampling_flags, read_sampling_json, sampling_flags
 
 
 def export(source, destination, sampling, half=True, max_shard_mb=None):
-    """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` settings;
-    `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
+    """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` (a
+    SamplingSettings); `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
     pipe = load_pipeline(source)
     destination = Path(destination)
     make_output_dir(destination.parent)
@@ -29,7 +29,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     shards = {"max_shard_size": f"{max_shard_mb}MB"} if max_shard_mb else {}
     # a new pipeline object: the loaded one's config would record the source path
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
-    write_sampling_settings(temp, sampling)
+    sampling.write(temp)
     publish_dir(temp, destination, manifest=True)
     return destination
 
@@ -47,14 +47,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     # each flag, then what the source was measured with (a re-export keeps its settings), then the defaults
-    sampling = resolve_sampling(read_sampling_settings(find_model_dir(args.source)), **sampling_flags(args))
+    sampling = SamplingSettings.resolve(read_sampling_json(find_model_dir(args.source)), **sampling_flags(args))
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
-    guidance = describe_guidance(sampling["guidance_scale"], sampling.get("guidance_max_t"),
-                                 sampling.get("guidance_by_objects"))
-    print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling['sampler']}, "
-          f"{sampling['steps']} steps, {guidance}, {sampling.get('precision', 'fp32')})")
+    print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling.sampler}, "
+          f"{sampling.steps} steps, {sampling.describe_guidance()}, {sampling.precision})")
     return 0
 
 

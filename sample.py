@@ -23,7 +23,8 @@ from torchvision.utils import make_grid, save_image
 
 import dataset
 from cli import make_output_dir, publish_dir, replacing, run_cli
-from sampling import add_sampling_flags, generate, generation_options, prepare_pipeline, sampling_flags
+from model import generate, prepare_pipeline
+from sampling import add_sampling_flags, compose_threshold, sampling_flags
 
 PROCESS_LABELS = "red sphere,cyan cylinder,cyan cube"  # the course's process-figure example
 
@@ -66,12 +67,12 @@ def process_frames(samples, estimates, frames):
 
 
 @torch.no_grad()
-def process_columns(pipe, labels, seed, steps, frames=10, **options):
+def process_columns(pipe, labels, settings, seed, frames=10, compose_above="auto"):
     """The process figure's columns: (title, noisy sample, clean estimate or None), images HxWx3 in [0, 1] at the
     output size (through the folder's upsampler), for the steps process_frames chooses, then the final image."""
     seen = []
-    final = generate(pipe, [labels], seed, steps, callback=lambda i, t, x, x0: seen.append((int(t), x[:1], x0[:1])),
-                     **options)[0]
+    final = generate(pipe, [labels], settings, seed, callback=lambda i, t, x, x0: seen.append((int(t), x[:1], x0[:1])),
+                     compose_above=compose_above)[0]
 
     def picture(sample):
         return ((pipe.to_image(sample)[0].permute(1, 2, 0).cpu().float().numpy() + 1) / 2).clip(0, 1)
@@ -83,14 +84,14 @@ def process_columns(pipe, labels, seed, steps, frames=10, **options):
     return [columns[i] for i in chosen]
 
 
-def write_process_figure(pipe, labels, path, seed, steps, frames=10, **options):
+def write_process_figure(pipe, labels, path, settings, seed, frames=10, compose_above="auto"):
     """One PNG: above, the noisy sample the model denoises at the chosen timesteps, from pure noise to the final
     image; beneath each, the model's estimate of the clean image from it; each column titled with its timestep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = process_columns(pipe, labels, seed, steps, frames, **options)
+    columns = process_columns(pipe, labels, settings, seed, frames, compose_above)
     fig, axes = plt.subplots(2, len(columns), figsize=(0.95 * len(columns) + 0.9, 2.55), squeeze=False)
     for column, (title, top, bottom) in enumerate(columns):
         for axis, image in zip((axes[0][column], axes[1][column]), (top, bottom)):
@@ -143,7 +144,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     pipe, sampling = prepare_pipeline(args.model, device=args.device, **sampling_flags(args))
-    options = generation_options(sampling, args.compose_above)
+    compose_above = compose_threshold(args)
     vocabulary = pipe.unet.vocabulary
     sources, names, requests = [], [], []
     if args.labels:
@@ -156,16 +157,16 @@ def main(argv=None):
     jobs = dict(zip(dataset.unique_set_names(sources, names), zip(sources, requests)))
     process_labels = dataset.parse_label_string(args.process_labels, vocabulary) if args.process else None
     for _, label_lists in jobs.values():  # a request the model cannot draw is refused before anything is written
-        pipe.label_vectors(label_lists, options.get("compose_above", "auto"))
+        pipe.label_vectors(label_lists, compose_above)
     out = make_output_dir(args.out)
-    settings = {"model": str(args.model), **sampling, "seed": args.seed}
+    settings = {"model": str(args.model), **sampling.to_json(), "seed": args.seed}
     for name, (source, label_lists) in jobs.items():
-        images = generate(pipe, label_lists, args.seed, batch_size=args.batch_size, **options)
+        images = generate(pipe, label_lists, sampling, args.seed, args.batch_size, compose_above=compose_above)
         folder = write_sample_folder(out / name, images, {"source": source, **settings, "labels": label_lists})
         print(f"wrote {folder}/grid.png and {len(images)} images")
     if process_labels:
-        path = write_process_figure(pipe, process_labels, out / "process.png", args.seed,
-                                    frames=args.process_frames, **options)
+        path = write_process_figure(pipe, process_labels, out / "process.png", sampling, args.seed,
+                                    args.process_frames, compose_above)
         print(f"wrote {path}")
     return 0
 

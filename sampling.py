@@ -1,57 +1,163 @@
-"""Sampling settings and drawing images: what sample.py, evaluate.py, export.py and train.py's evaluation share.
+"""Sampling settings: one frozen object for what sample.py, evaluate.py, export.py, train.py's evaluation and a
+model folder's sampling.json say about drawing images.
 
-A model folder's sampling.json holds the settings it was measured with (sampler, steps, guidance scale and range,
-guidance per object count, joint weight for composed requests, precision); resolve_sampling merges them with
-flags (each flag first, then the folder's, then the defaults); prepare_pipeline loads a folder with them, and
-generate draws images.
+`SamplingSettings` holds the sampler, steps, guidance scale and range, the guidance per object count, the joint
+weight of composed requests and the precision. It checks itself when made; `to_json` / `read_sampling_json` are
+its sampling.json form; `SamplingSettings.resolve` merges flags with a folder's sampling.json (each flag first,
+then the folder's, then the defaults); `add_sampling_flags` / `sampling_flags` are the command-line flags that
+set it (with a prefix for train.py's --eval-*). The pipeline (model.ICLEVRPipeline) takes the object as it is.
 """
-import torch
+import dataclasses
+import json
+from pathlib import Path
+from typing import NamedTuple
 
-from cli import UserError, warn
-from model import (DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_COMPOSED, PRECISIONS, SAMPLERS, fast_bf16, load_pipeline,
-                   sampling_scheduler)
+from cli import UserError, read_json
 
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25}
+# For a folder without sampling.json. Not dpm++: on epsilon models with linear betas (the default schedule)
+# its samples carry a strong colour cast and score at chance (docs/RESULTS.md); not ddpm: 1000 steps are
+# minutes per grid on a CPU.
+DEFAULT_SAMPLER = "ddim"
+MAX_COMPOSED = 6  # the most objects one request may ask for when composition draws it (measured up to 6)
+PRECISIONS = ("fp32", "bf16")  # the UNet's arithmetic while sampling (bf16: autocast)
 MAX_GUIDANCE = 20.0
-# what each sampling flag's default is when it is not given
-FOLDER_DEFAULT = "the model folder's sampling.json"
+SAMPLING_FILE = "sampling.json"  # in a model folder: the settings it was measured with
+FOLDER_DEFAULT = "the model folder's sampling.json"  # where an unset sampling flag's value comes from
 
 
-def pick_device(name=None):
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here (use --device cpu)")
-    return name
+class Guidance(NamedTuple):
+    """Classifier-free guidance: the scale, on the steps at timesteps below max_t (None: every step)."""
+    scale: float
+    max_t: int | None = None
+
+    def describe(self):
+        """'guidance 3' or 'guidance 3 below t=500'."""
+        return f"guidance {self.scale:g}" + ("" if self.max_t is None else f" below t={self.max_t}")
 
 
-def check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                            guidance_by_objects=None, joint_weight=0.0):
-    """Refuse a sampler, step count, guidance setting or precision out of range (from a flag or a sampling.json)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if steps is not None and not 1 <= steps <= 1000:
-        raise UserError(f"--steps must be between 1 and 1000 (got {steps})")
-    if not 0 <= guidance_scale <= MAX_GUIDANCE:
-        raise UserError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g} (got {guidance_scale:g}; "
-                        f"1 means no guidance)")
-    if guidance_max_t is not None and not 0 <= guidance_max_t <= 1000:
-        raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {guidance_max_t}; 1000 guides every step)")
-    if not 0 <= joint_weight <= 1:
-        raise UserError(f"--joint-weight must be between 0 and 1 (got {joint_weight:g}; 0: composition alone)")
-    for count, entry in (guidance_by_objects or {}).items():
-        scale, max_t = entry["guidance_scale"], entry.get("guidance_max_t")
-        in_range = max_t is None or 0 <= max_t <= 1000
-        if not (1 <= int(count) <= MAX_COMPOSED and 0 <= scale <= MAX_GUIDANCE and in_range):
-            raise UserError(f"--guidance-by-objects {count}:{scale:g}{'' if max_t is None else f':{max_t}'}: K must be "
-                            f"between 1 and {MAX_COMPOSED}, SCALE between 0 and {MAX_GUIDANCE:g}, MAX_T between 0 and "
-                            f"1000")
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How to draw images; checked when made (one-line errors naming the flag). `steps` None: the sampler's
+    default. `guidance_by_objects`: {K: Guidance} for requests of K labels that differ from the common guidance
+    (a mapping of counts to Guidance or (scale, max_t) is accepted, and kept sorted by count)."""
+    sampler: str = DEFAULT_SAMPLER
+    steps: int | None = None
+    guidance_scale: float = 1.0
+    guidance_max_t: int | None = None
+    guidance_by_objects: tuple = ()
+    joint_weight: float = 0.0
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
+        if not 1 <= self.steps <= 1000:
+            raise UserError(f"--steps must be between 1 and 1000 (got {self.steps})")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise UserError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE:g} (got {self.guidance_scale:g}; "
+                            f"1 means no guidance)")
+        if self.guidance_max_t is not None and not 0 <= self.guidance_max_t <= 1000:
+            raise UserError(f"--guidance-max-t must be between 0 and 1000 (got {self.guidance_max_t}; 1000 guides "
+                            f"every step)")
+        if not 0 <= self.joint_weight <= 1:
+            raise UserError(f"--joint-weight must be between 0 and 1 (got {self.joint_weight:g}; 0: composition "
+                            f"alone)")
+        by_objects = dict(self.guidance_by_objects or ())
+        for count, (scale, max_t) in by_objects.items():
+            if not (1 <= int(count) <= MAX_COMPOSED and 0 <= scale <= MAX_GUIDANCE
+                    and (max_t is None or 0 <= max_t <= 1000)):
+                raise UserError(f"--guidance-by-objects {count}:{scale:g}{'' if max_t is None else f':{max_t}'}: K "
+                                f"must be between 1 and {MAX_COMPOSED}, SCALE between 0 and {MAX_GUIDANCE:g}, MAX_T "
+                                f"between 0 and 1000")
+        object.__setattr__(self, "guidance_by_objects", tuple(sorted(
+            (int(count), Guidance(float(scale), max_t)) for count, (scale, max_t) in by_objects.items())))
+
+    def guidance_for(self, count):
+        """The Guidance of a request of `count` labels: its own entry, else the common one."""
+        return dict(self.guidance_by_objects).get(count, Guidance(self.guidance_scale, self.guidance_max_t))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def describe_guidance(self):
+        """'guidance 3', 'guidance 3 below t=500' or 'guidance 3 below t=500; 4 objects: guidance 2'."""
+        return "; ".join([Guidance(self.guidance_scale, self.guidance_max_t).describe()] +
+                         [f"{count} objects: {guidance.describe()}" for count, guidance in self.guidance_by_objects])
+
+    def to_json(self):
+        """As sampling.json holds it: guidance_max_t only when guidance is limited, guidance_by_objects only when
+        there is one ({"K": {"guidance_scale": ..., "guidance_max_t": ...}}), joint_weight only when not 0,
+        precision only when not fp32."""
+        settings = {"sampler": self.sampler, "steps": self.steps, "guidance_scale": self.guidance_scale}
+        if self.guidance_max_t is not None:
+            settings["guidance_max_t"] = self.guidance_max_t
+        if self.guidance_by_objects:
+            settings["guidance_by_objects"] = {
+                str(count): {"guidance_scale": scale, **({} if max_t is None else {"guidance_max_t": max_t})}
+                for count, (scale, max_t) in self.guidance_by_objects}
+        if self.joint_weight:
+            settings["joint_weight"] = self.joint_weight
+        return settings if self.precision == "fp32" else {**settings, "precision": self.precision}
+
+    def write(self, folder):
+        (Path(folder) / SAMPLING_FILE).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def resolve(cls, saved, sampler=None, steps=None, guidance_scale=None, guidance_max_t=None, precision=None,
+                guidance_by_objects=None, joint_weight=None):
+        """The settings to sample with: each explicit value first, then what the model folder was measured with
+        (`saved`, its sampling.json as read_sampling_json gives it; its steps only with its own sampler), then the
+        defaults (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count,
+        composition alone, fp32)."""
+        sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
+        if steps is None and saved.get("sampler") == sampler:
+            steps = saved.get("steps")
+        if guidance_by_objects is None:
+            guidance_by_objects = {int(count): (entry["guidance_scale"], entry.get("guidance_max_t"))
+                                   for count, entry in saved.get("guidance_by_objects", {}).items()}
+        return cls(sampler, steps,
+                   float(saved.get("guidance_scale", 1.0)) if guidance_scale is None else guidance_scale,
+                   saved.get("guidance_max_t") if guidance_max_t is None else guidance_max_t,
+                   guidance_by_objects,
+                   float(saved.get("joint_weight", 0.0)) if joint_weight is None else joint_weight,
+                   precision or saved.get("precision", "fp32"))
+
+
+def read_sampling_json(folder):
+    """The folder's sampling.json, its types checked: {"sampler": ..., "steps": ..., "guidance_scale": ...,
+    "guidance_max_t": ..., "precision": ..., "guidance_by_objects": {"K": {"guidance_scale": ...,
+    "guidance_max_t": ...}}, "joint_weight": ...}, each optional ({} without the file). Ranges are checked when
+    SamplingSettings.resolve merges it with the flags."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    settings = read_json(path, "sampling settings file")
+    expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str,
+                "guidance_by_objects": dict, "joint_weight": (int, float)}
+    if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
+                                             for k, kind in expected.items()):
+        raise UserError(f'{path}: expected {{"sampler": name, "steps": integer, "guidance_scale": number, '
+                        f'"guidance_max_t": integer, "precision": "fp32" or "bf16", "guidance_by_objects": '
+                        f'{{"K": {{"guidance_scale": number, "guidance_max_t": integer}}}}, "joint_weight": number}} '
+                        f'(each optional)')
+    for count, entry in settings.get("guidance_by_objects", {}).items():
+        if not (count.isdigit() and isinstance(entry, dict) and isinstance(entry.get("guidance_scale"), (int, float))
+                and set(entry) <= {"guidance_scale", "guidance_max_t"}
+                and isinstance(entry.get("guidance_max_t", 0), int)):
+            raise UserError(f'{path}: guidance_by_objects["{count}"]: expected {{"guidance_scale": number, '
+                            f'"guidance_max_t": integer}} for requests of a number of labels (guidance_max_t '
+                            f'optional: every step)')
+    return {k: settings[k] for k in expected if k in settings}
 
 
 def parse_guidance_by_objects(texts):
-    """--guidance-by-objects K:SCALE[:MAX_T] ... as sampling.json holds it, {"K": {"guidance_scale": SCALE[,
-    "guidance_max_t": MAX_T]}}; None without the flag."""
+    """--guidance-by-objects K:SCALE[:MAX_T] ... -> {K: Guidance}; None without the flag."""
     if not texts:
         return None
     settings = {}
@@ -60,145 +166,67 @@ def parse_guidance_by_objects(texts):
             count, scale, *max_t = text.split(":")
             if len(max_t) > 1:
                 raise ValueError(text)
-            settings[str(int(count))] = {"guidance_scale": float(scale),
-                                         **({"guidance_max_t": int(max_t[0])} if max_t else {})}
+            settings[int(count)] = Guidance(float(scale), int(max_t[0]) if max_t else None)
         except ValueError:
             raise UserError(f"--guidance-by-objects {text}: expected K:SCALE or K:SCALE:MAX_T, e.g. 4:2 (requests of "
                             f"4 labels at guidance 2 on every step)")
     return settings
 
 
-def sampling_settings(sampler, steps, guidance_scale, guidance_max_t=None, precision="fp32",
-                      guidance_by_objects=None, joint_weight=0.0):
-    """Checked settings as a sampling.json holds them (guidance_max_t only when guidance is limited,
-    guidance_by_objects only when there is one, joint_weight only when not 0, precision only when not fp32)."""
-    check_sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
-                            joint_weight)
-    settings = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-    if guidance_max_t is not None:
-        settings["guidance_max_t"] = guidance_max_t
-    if guidance_by_objects:
-        settings["guidance_by_objects"] = {k: guidance_by_objects[k] for k in sorted(guidance_by_objects, key=int)}
-    if joint_weight:
-        settings["joint_weight"] = joint_weight
-    return settings if precision == "fp32" else {**settings, "precision": precision}
+def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True, prefix="", precision_default="fp32"):
+    """The sampling flags, with one help text each: sampler, steps, guidance scale and range, guidance per object
+    count, joint weight, precision and (with `compose`) the composition threshold. Unset, each is None:
+    `default_from` (a model folder's sampling.json; None: no folder), then the defaults (SamplingSettings.resolve).
+    `prefix` ("eval-") names them --eval-sampler, ... for train.py's evaluation."""
+    def flag(name, *aliases, **options):
+        parser.add_argument(f"--{prefix}{name}", *(f"--{prefix}{alias}" for alias in aliases), **options)
 
+    def default(value):
+        return f"(default: {default_from}, else {value})" if default_from else f"(default: {value})"
 
-def describe_guidance(guidance_scale, guidance_max_t=None, guidance_by_objects=None):
-    """'guidance 3', 'guidance 3 below t=500' or 'guidance 3 below t=500; 4 objects: guidance 2', for printed
-    summaries."""
-    text = f"guidance {guidance_scale:g}" + ("" if guidance_max_t is None else f" below t={guidance_max_t}")
-    for count, entry in (guidance_by_objects or {}).items():
-        text += f"; {count} objects: " + describe_guidance(entry["guidance_scale"], entry.get("guidance_max_t"))
-    return text
-
-
-def resolve_sampling(saved, sampler=None, steps=None, guidance_scale=None, guidance_max_t=None, precision=None,
-                     guidance_by_objects=None, joint_weight=None):
-    """The settings to sample with: each explicit value first, then what the model folder was measured with
-    (`saved`, its sampling.json; its steps only with its own sampler), then the defaults (DEFAULT_SAMPLER,
-    DEFAULT_STEPS, guidance 1 at every step and for every object count, composition alone, fp32). Checked, in the
-    form sampling_settings gives."""
-    sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
-    if steps is None:
-        steps = saved["steps"] if saved.get("sampler") == sampler and "steps" in saved else DEFAULT_STEPS[sampler]
-    if guidance_scale is None:
-        guidance_scale = float(saved.get("guidance_scale", 1.0))
-    if guidance_max_t is None:
-        guidance_max_t = saved.get("guidance_max_t")
-    if guidance_by_objects is None:
-        guidance_by_objects = saved.get("guidance_by_objects")
-    if joint_weight is None:
-        joint_weight = float(saved.get("joint_weight", 0.0))
-    precision = precision or saved.get("precision", "fp32")
-    return sampling_settings(sampler, steps, guidance_scale, guidance_max_t, precision, guidance_by_objects,
-                             joint_weight)
-
-
-def prepare_pipeline(model, sampler=None, steps=None, guidance_scale=None, device="cpu", guidance_max_t=None,
-                     precision=None, guidance_by_objects=None, joint_weight=None):
-    """The pipeline with its sampler, and the settings to sample with (resolve_sampling: each flag, then the model
-    folder's sampling.json, then the defaults). bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or
-    AVX512-BF16) is fp32, with a note.
-    -> (pipe, {"sampler", "steps", "guidance_scale"[, "guidance_max_t"][, "guidance_by_objects"][, "joint_weight"]
-               [, "precision"]})"""
-    check_sampling_settings(sampler or DEFAULT_SAMPLER, steps, 1.0 if guidance_scale is None else guidance_scale,
-                            guidance_max_t, precision or "fp32", guidance_by_objects, joint_weight or 0.0)
-    pipe = load_pipeline(model, pick_device(device))
-    settings = resolve_sampling(pipe.sampling_settings, sampler, steps, guidance_scale, guidance_max_t, precision,
-                                guidance_by_objects, joint_weight)
-    if settings.get("precision") == "bf16" and not fast_bf16(pipe.device.type):
-        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
-        settings.pop("precision")
-    pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings["sampler"])
-    return pipe, settings
-
-
-def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True):
-    """The sampling flags sample.py, evaluate.py and export.py share, with one help text each: sampler, steps,
-    guidance scale and range, guidance per object count, joint weight, precision and (with `compose`) the
-    composition threshold. Unset, each is None: `default_from` (a model folder's sampling.json), then the defaults
-    (resolve_sampling)."""
     steps = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
-    parser.add_argument("--sampler", choices=SAMPLERS,
-                        help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at "
-                             f"chance on epsilon models with linear betas) (default: {default_from}, else "
-                             f"{DEFAULT_SAMPLER})")
-    parser.add_argument("--steps", type=int,
-                        help=f"denoising steps (default: {default_from}, with its own sampler only; else {steps})")
-    parser.add_argument("--guidance-scale", type=float,
-                        help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
-                             f"(default: {default_from}, else 1)")
-    parser.add_argument("--guidance-max-t", type=int,
-                        help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the "
-                             f"others; 1000 guides every step (default: {default_from}, else every step)")
-    parser.add_argument("--guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
-                        help="a guidance of its own for requests of K labels, e.g. 4:2 (four-label requests at scale "
-                             "2 on every step) or 3:4:500 (scale 4 below t=500); other requests keep "
-                             f"--guidance-scale and --guidance-max-t (default: {default_from}, else none)")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has "
-                             "it (AMX-BF16 or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere; an evaluator always "
-                             f"scores in fp32 (default: {default_from}, else fp32)")
-    parser.add_argument("--joint-weight", type=float, metavar="W",
-                        help="for a composed request, the share of its conditional output that reads the request "
-                             "whole (as far as the model reads: 4 object tokens), the rest shared by its "
-                             f"sub-requests; 0: composition alone (default: {default_from}, else 0)")
+    flag("sampler", choices=SAMPLERS,
+         help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at chance on "
+              f"epsilon models with linear betas) {default(DEFAULT_SAMPLER)}")
+    flag("steps", type=int, help=f"denoising steps {default(steps)}" +
+                                 ("; the folder's only with its own sampler" if default_from else ""))
+    flag("guidance-scale", *(["guidance"] if prefix else []), type=float,
+         help="classifier-free guidance scale: 1 = none, 0 = unconditional, >1 = stronger labels "
+              + default(1))
+    flag("guidance-max-t", type=int,
+         help="guide only the steps at timesteps below this (of 1000), one pass instead of two at the others; 1000 "
+              "guides every step " + default("every step"))
+    flag("guidance-by-objects", nargs="+", metavar="K:SCALE[:MAX_T]",
+         help="a guidance of its own for requests of K labels, e.g. 4:2 (four-label requests at scale 2 on every "
+              "step) or 3:4:500 (scale 4 below t=500); other requests keep the guidance scale and range "
+              + default("none"))
+    flag("precision", choices=PRECISIONS,
+         help="the UNet's arithmetic while sampling: bf16 (autocast) is faster where the hardware has it (AMX-BF16 "
+              "or AVX512-BF16 on a CPU, most GPUs), fp32 elsewhere; an evaluator always scores in fp32 "
+              + default(precision_default))
+    flag("joint-weight", type=float, metavar="W",
+         help="for a composed request, the share of its conditional output that reads the request whole (as far as "
+              "the model reads: its object tokens), the rest shared by its sub-requests; 0: composition alone "
+              + default(0))
     if compose:
-        parser.add_argument("--compose-above", type=int, metavar="N",
-                            help="draw requests of more than N labels by composing their N-label sub-requests, one "
-                                 "batched pass per step (default: the largest scene the model was trained on, 4 for "
-                                 "the shipped model, so that 5 and 6 objects can be asked for; 0: never, joint "
-                                 "sampling of every request)")
+        flag("compose-above", type=int, metavar="N",
+             help="draw requests of more than N labels by composing their N-label sub-requests, one batched pass per "
+                  "step (default: the largest scene the model was trained on, 4 for the shipped model, so that 5 "
+                  "and 6 objects can be asked for; 0: never, joint sampling of every request)")
 
 
-def sampling_flags(args):
-    """The values of add_sampling_flags' flags, as resolve_sampling and prepare_pipeline take them."""
-    return {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
-            "guidance_max_t": args.guidance_max_t, "precision": args.precision,
-            "guidance_by_objects": parse_guidance_by_objects(args.guidance_by_objects),
-            "joint_weight": args.joint_weight}
+def compose_threshold(args, prefix=""):
+    """--compose-above as the pipeline takes it: "auto" where unset (the model's largest training scene)."""
+    value = getattr(args, prefix.replace("-", "_") + "compose_above")
+    return "auto" if value is None else value
 
 
-def generate(pipe, label_lists, seed=0, steps=None, guidance_scale=1.0, batch_size=64, callback=None,
-             guidance_max_t=None, precision="fp32", compose_above="auto", guidance_by_objects=None,
-             joint_weight=0.0):
-    """uint8 images (N, 64, 64, 3); the same seed and settings give the same images. Requests with more labels
-    than `compose_above` ("auto": the model's largest training scene) are composed of sub-requests, with the
-    request read whole at `joint_weight`; requests of K labels take the guidance guidance_by_objects[K] =
-    (scale, max_t) where it has one."""
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
-    return pipe(label_lists, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                output_type="np", batch_size=batch_size, callback=callback, guidance_max_t=guidance_max_t,
-                precision=precision, compose_above=compose_above, guidance_by_objects=guidance_by_objects,
-                joint_weight=joint_weight).images
+def sampling_flags(args, prefix=""):
+    """The values of add_sampling_flags' flags, as SamplingSettings.resolve takes them (None where unset)."""
+    def value(name):
+        return getattr(args, prefix.replace("-", "_") + name)
 
-
-def generation_options(settings, compose_above=None):
-    """prepare_pipeline's settings as generate's keyword arguments (all but the sampler, which is the pipe's;
-    guidance_by_objects as {K: (scale, max_t)}), with --compose-above where given (0: never compose)."""
-    options = {key: value for key, value in settings.items() if key != "sampler"}
-    if "guidance_by_objects" in options:
-        options["guidance_by_objects"] = {int(count): (entry["guidance_scale"], entry.get("guidance_max_t"))
-                                          for count, entry in options["guidance_by_objects"].items()}
-    return options if compose_above is None else {**options, "compose_above": compose_above or None}
+    return {"sampler": value("sampler"), "steps": value("steps"), "guidance_scale": value("guidance_scale"),
+            "guidance_max_t": value("guidance_max_t"), "precision": value("precision"),
+            "guidance_by_objects": parse_guidance_by_objects(value("guidance_by_objects")),
+            "joint_weight": value("joint_weight")}

@@ -10,7 +10,7 @@ import torch
 import dataset
 from cli import UserError
 from evaluator import topk_choices
-from sampling import generate
+from model import generate
 
 ICLEVR_MIX = {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}  # every i-CLEVR scene gives one image with 1, 2 and 3 objects
 
@@ -141,10 +141,10 @@ def summarise(per_seed, label_lists):
             "misreadings": misreadings(per_seed, label_lists)}
 
 
-def generate_sets(pipe, condition_sets, seeds, batch_size=64, **options):
-    """{name: {seed: images}}: every condition set drawn with every seed. `options`: generate's steps,
-    guidance_scale, guidance_max_t, precision, compose_above, guidance_by_objects, joint_weight."""
-    return {name: {str(seed): generate(pipe, label_lists, seed, batch_size=batch_size, **options) for seed in seeds}
+def generate_sets(pipe, condition_sets, settings, seeds, batch_size=64, compose_above="auto"):
+    """{name: {seed: images}}: every condition set drawn with every seed, with `settings` (a SamplingSettings)."""
+    return {name: {str(seed): generate(pipe, label_lists, settings, seed, batch_size, compose_above=compose_above)
+                   for seed in seeds}
             for name, label_lists in condition_sets.items()}
 
 
@@ -158,11 +158,11 @@ def score_sets(evaluator, drawn, condition_sets, vocabulary):
     return results
 
 
-def evaluate_model(pipe, evaluator, condition_sets, seeds=(0,), batch_size=64, **options):
+def evaluate_model(pipe, evaluator, condition_sets, settings, seeds=(0,), batch_size=64):
     """Generate every condition set with every seed and score it: {name: {"seeds": ..., "mean": ...}},
     plus the generated images per name, all seeds together (for the Fréchet distance)."""
     evaluator.check_label_order(pipe.unet.vocabulary, "the model")
-    drawn = generate_sets(pipe, condition_sets, seeds, batch_size, **options)
+    drawn = generate_sets(pipe, condition_sets, settings, seeds, batch_size)
     images = {name: np.concatenate(list(by_seed.values())) for name, by_seed in drawn.items()}
     return score_sets(evaluator, drawn, condition_sets, pipe.unet.vocabulary), images
 

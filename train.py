@@ -8,6 +8,7 @@ at the end, model/ (the EMA weights as an ICLEVRPipeline folder for sample.py an
 """
 import argparse
 import difflib
+import importlib.util
 import json
 import math
 import signal
@@ -19,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 import checkpoints
@@ -26,8 +28,9 @@ import dataset
 import metrics
 import synthetic
 from cli import UserError, read_json, run_cli
-from model import (DEFAULT_SAMPLER, PRESETS, SAMPLERS, ICLEVRPipeline, build_model, count_parameters, fast_bf16,
-                   sampling_scheduler, training_scheduler)
+from model import (PRESETS, ICLEVRPipeline, build_model, count_parameters, fast_bf16, sampling_scheduler,
+                   training_scheduler)
+from sampling import SamplingSettings, add_sampling_flags, sampling_flags
 from training import (make_lr_scheduler, make_optimizer, optimisation_step, parse_model_option, prepare_model,
                       step_generator, training_batch, training_loss)
 
@@ -37,6 +40,7 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # 1.12x, tokens-wide 1.62x. tiny (0.80x) and cpu (0.85x) are
 # slower in bf16, so --mixed-precision auto keeps them in fp32.
 CPU_BF16_PRESETS = {"small", "tokens", "tokens-wide", "seed"}
+REPORTERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to: the package each needs
 
 
 class NonFiniteLoss(UserError):
@@ -133,6 +137,11 @@ def parse_args(argv=None):
     length.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     length.add_argument("--keep", type=int, default=3, help="how many recent checkpoints to keep")
     length.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
+    length.add_argument("--report-to", default="none", choices=REPORTERS,
+                        help="also send every metrics.jsonl number, and a sample grid at each evaluation, to "
+                             "accelerate's tracker: tensorboard writes RUN/tensorboard (tensorboard --logdir "
+                             "RUN/tensorboard); wandb where it is installed (default: none, metrics.jsonl and "
+                             "curves.png only)")
     length.add_argument("--seed", type=int, default=0, help="seeds weights, data order, noise and dropout")
 
     meter = p.add_argument_group("conditioning meter (are the labels used?)")
@@ -154,14 +163,10 @@ def parse_args(argv=None):
     evaluation.add_argument("--eval-conditions", nargs="+", metavar="FILE",
                             help="condition files or random:N[:SEED] (default: DATA_DIR/test.json, "
                                  "DATA_DIR/new_test.json)")
-    evaluation.add_argument("--eval-sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                            help="sampler for evaluation (this and the other --eval-* sampling settings are also "
-                                 "written to the exported model's sampling.json: sample.py's and evaluate.py's "
-                                 "defaults for it)")
-    evaluation.add_argument("--eval-steps", type=int, default=50, help="denoising steps for evaluation")
-    evaluation.add_argument("--eval-guidance", type=float, default=1.0, help="guidance scale for evaluation")
-    evaluation.add_argument("--eval-guidance-max-t", type=int,
-                            help="guide only timesteps below this during evaluation (default: every step)")
+    settings = p.add_argument_group("sampling settings of the evaluation", "also written to the exported model's "
+                                    "sampling.json: sample.py's and evaluate.py's defaults for it")
+    add_sampling_flags(settings, default_from=None, prefix="eval-",
+                       precision_default="the training precision (bf16 where it trains in bf16)")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe")
@@ -170,7 +175,7 @@ def parse_args(argv=None):
     args.model_options = dict(parse_model_option(p, text) for text in args.model_option)
     if (args.eval_every or args.eval_every_minutes) and not args.evaluator:
         p.error("--eval-every needs --evaluator (train one with: python evaluator.py train)")
-    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every", "eval_steps", "meter_images"):
+    for name in ("batch_size", "timesteps", "checkpoint_every", "keep", "log_every", "meter_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.timestep_power <= 0:
@@ -186,6 +191,13 @@ def parse_args(argv=None):
                 f"{args.composite_pastes}: each count of pasted objects needs a share")
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
+    if args.report_to != "none" and importlib.util.find_spec(REPORTERS[args.report_to]) is None:
+        p.error(f"--report-to {args.report_to} needs the {REPORTERS[args.report_to]} package (pip install "
+                f"{REPORTERS[args.report_to]})")
+    try:
+        SamplingSettings.resolve({}, **sampling_flags(args, "eval-"))
+    except UserError as error:  # its messages name sample.py's flags
+        p.error(str(error).replace("--", "--eval-"))
     return args
 
 
@@ -236,6 +248,23 @@ class StopRequest:
 
     def handle(self, signum, frame):
         self.signal = signal.Signals(signum)
+
+
+def record_metrics(run_dir, accelerator, record):
+    """One line of metrics.jsonl, and its numbers to the --report-to tracker (none: nothing more)."""
+    metrics.append_metrics(run_dir, record)
+    accelerator.log({key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))},
+                    step=record["step"])
+
+
+def log_sample_grids(accelerator, grids, step):
+    """Each evaluated set's first 32 images, as one grid, to the --report-to tracker."""
+    for tracker in accelerator.trackers:
+        for name, grid in grids.items():
+            if tracker.name == "tensorboard":
+                tracker.log_images({f"samples/{name}": grid[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({f"samples/{name}": [grid]}, step=step)
 
 
 def total_steps(args, num_images, world_size):
@@ -313,11 +342,10 @@ class Evaluation:
     """--eval-every: sample the condition sets with the EMA weights and score them with the evaluator."""
 
     def __init__(self, args, data, precision="fp32"):
-        import sampling
         import scoring
         from evaluator import evaluation_model
 
-        self.scoring, self.sampling = scoring, sampling
+        self.scoring = scoring
         self.evaluator = evaluation_model(args.evaluator)
         self.evaluator.check_label_order(data.vocabulary, "the training data")
         sources = args.eval_conditions or dataset.default_condition_files(data.data_dir)
@@ -326,8 +354,8 @@ class Evaluation:
         self.next_minutes = args.eval_every_minutes
         # what sample.py and evaluate.py use for the exported folders when no flag overrides it; the UNet samples in
         # the training precision where that is bf16
-        self.sampling_settings = sampling.sampling_settings(args.eval_sampler, args.eval_steps, args.eval_guidance,
-                                                            args.eval_guidance_max_t, precision)
+        flags = sampling_flags(args, "eval-")
+        self.sampling_settings = SamplingSettings.resolve({}, **{**flags, "precision": flags["precision"] or precision})
 
     def due(self, step, total, train_seconds):
         if self.args.eval_every_minutes and train_seconds / 60 >= self.next_minutes:
@@ -341,11 +369,14 @@ class Evaluation:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()
-        pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config, self.args.eval_sampler),
+        pipe = ICLEVRPipeline(unet=model, scheduler=sampling_scheduler(noise_scheduler.config,
+                                                                       self.sampling_settings.sampler),
                               upsampler=upsampler)
         pipe.set_progress_bar_config(disable=True)
-        results, _ = self.scoring.evaluate_model(pipe, self.evaluator, self.condition_sets, seeds=(0,),
-                                                 **self.sampling.generation_options(self.sampling_settings))
+        results, images = self.scoring.evaluate_model(pipe, self.evaluator, self.condition_sets,
+                                                      self.sampling_settings)
+        self.grids = {name: make_grid(torch.from_numpy(drawn[:32]).permute(0, 3, 1, 2), nrow=8).permute(1, 2, 0)
+                      .numpy() for name, drawn in images.items()}  # for --report-to
         model.train()
         ema.restore(model.parameters())
         scores = {f"acc_{name}": result["mean"] for name, result in results.items()}
@@ -365,13 +396,15 @@ def main(argv=None):
     # accelerate keeps one process-wide state: a second main() in the same process (tests, a notebook) may ask for
     # another precision, which it would refuse. Forgetting the previous run's state lets each call choose its own.
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=mixed)
     run_dir = Path(args.out)
+    accelerator = Accelerator(mixed_precision=mixed, log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=run_dir)
     lock = checkpoints.lock_run_dir(run_dir) if accelerator.is_main_process else None
     try:
         with StopRequest() as stop:
             return train(args, accelerator, run_dir, stop)
     finally:
+        accelerator.end_training()  # closes the trackers' files
         if lock is not None:
             lock.close()
 
@@ -436,8 +469,11 @@ def train(args, accelerator, run_dir, stop):
                                                          "training_images": len(data), "images_per_step":
                                                          args.batch_size * accelerator.num_processes,
                                                          "precision_used": accelerator.mixed_precision}, indent=1))
+    if is_main and args.report_to != "none":
+        accelerator.init_trackers("tensorboard" if args.report_to == "tensorboard" else "iclevr-ddpm",
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
     if meter and start == 0:
-        metrics.append_metrics(run_dir, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
+        record_metrics(run_dir, accelerator, {"step": 0, "train_minutes": 0.0, **meter(raw_model, device)})
 
     started = time.monotonic()
     bad_steps, images_since_log, seconds_since_log = 0, 0, 0.0
@@ -476,15 +512,16 @@ def train(args, accelerator, run_dir, stop):
                           train_seconds / 60, "images_per_s": images_since_log / seconds_since_log}
                 if device.type == "cuda":
                     record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                metrics.append_metrics(run_dir, record)
+                record_metrics(run_dir, accelerator, record)
                 progress.postfix.update(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 images_since_log, seconds_since_log = 0, 0.0
             if meter and step % args.meter_every == 0:
-                metrics.append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60,
-                                                 **meter(raw_model, device)})
+                record_metrics(run_dir, accelerator, {"step": step, "train_minutes": train_seconds / 60,
+                                                      **meter(raw_model, device)})
             if evaluation and (evaluation.due(step, steps, train_seconds) or out_of_time):  # the last model too
                 scores = evaluation(raw_model, ema, noise_scheduler, upsampler)
-                metrics.append_metrics(run_dir, {"step": step, "train_minutes": train_seconds / 60, **scores})
+                record_metrics(run_dir, accelerator, {"step": step, "train_minutes": train_seconds / 60, **scores})
+                log_sample_grids(accelerator, evaluation.grids, step)
                 progress.bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()
                                                                 if k.startswith("acc_")))
             if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):

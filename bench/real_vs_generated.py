@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from cli import UserError, replacing, run_cli  # noqa: E402
-from sampling import generate, generation_options, prepare_pipeline  # noqa: E402
+from model import generate, prepare_pipeline  # noqa: E402
 
 def real_scenes(data, count, seed):
     """`count` images of 2 objects or more, at random but the same on every machine."""
@@ -60,7 +60,7 @@ def main(argv=None):
     chosen = real_scenes(data, args.count, args.seed)
     label_lists = [data.label_lists[i] for i in chosen]
     pipe, settings = prepare_pipeline(args.model)
-    generated = generate(pipe, label_lists, args.seed, **generation_options(settings))
+    generated = generate(pipe, label_lists, settings, args.seed)
     draw_figure(data.images[chosen], generated, label_lists, Path(args.out))
     print(f"wrote {args.out}")
     return 0

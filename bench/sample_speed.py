@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataset  # noqa: E402
 from cli import run_cli  # noqa: E402
 from scoring import score  # noqa: E402
-from model import PRECISIONS, count_parameters, load_pipeline, sampling_scheduler  # noqa: E402
-from sampling import describe_guidance, generate, pick_device  # noqa: E402
+from model import count_parameters, generate, load_pipeline, pick_device, sampling_scheduler  # noqa: E402
+from sampling import PRECISIONS, Guidance, SamplingSettings  # noqa: E402
 
 DEFAULT_CONFIGS = ["ddim:10", "ddim:25", "ddim:50", "dpm++:10", "dpm++:25", "ddpm:1000"]
 
@@ -51,7 +51,7 @@ def main():
         evaluator = evaluation_model(args.evaluator, device=None if args.device == "auto" else args.device)
     params = count_parameters(pipe.unet)
     print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, "
-          f"{describe_guidance(args.guidance_scale, args.guidance_max_t)}, device {pipe.device}, "
+          f"{Guidance(args.guidance_scale, args.guidance_max_t).describe()}, device {pipe.device}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'sampler':<8s} {'steps':>6s} {'precision':>9s} {'seconds':>8s} {'accuracy':>9s}")
     for config, precision in [(c, p) for c in args.configs for p in args.precisions]:
@@ -61,12 +61,12 @@ def main():
             print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {'skipped':>8s}")
             continue
         pipe.scheduler = sampling_scheduler(train_config, sampler)
-        generate(pipe, labels[:1], args.seed, 1, args.guidance_scale, precision=precision)  # warm-up
+        settings = SamplingSettings(sampler, steps, args.guidance_scale, args.guidance_max_t, precision=precision)
+        generate(pipe, labels[:1], settings.replace(steps=1), args.seed)  # warm-up
         times, images = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            images = generate(pipe, labels, args.seed, steps, args.guidance_scale, guidance_max_t=args.guidance_max_t,
-                              precision=precision)
+            images = generate(pipe, labels, settings, args.seed)
             times.append(time.perf_counter() - start)
         accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
         print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)

@@ -8,6 +8,7 @@ import torch
 
 import model as model_lib
 from conftest import last_line, run_main
+from sampling import SamplingSettings
 
 FOUR = ["red sphere", "cyan cube", "gray cylinder", "yellow cube"]
 FIVE = ["red sphere", "cyan cube", "gray cylinder", "yellow cube", "blue sphere"]
@@ -25,9 +26,10 @@ def composing_pipe(vocabulary):
     return pipe
 
 
-def draw(pipe, conditions, seed=0, **options):
-    return pipe(conditions, num_inference_steps=3, guidance_scale=3.0, guidance_max_t=500, output_type="np",
-                generator=torch.Generator().manual_seed(seed), **options).images
+def draw(pipe, conditions, seed=0, compose_above="auto", **settings):
+    """DDIM 3 steps, guidance 3 below t=500, with other `settings` (SamplingSettings' fields)."""
+    return pipe(conditions, SamplingSettings("ddim", 3, 3.0, 500, **settings), output_type="np",
+                generator=torch.Generator().manual_seed(seed), compose_above=compose_above).images
 
 
 def test_sub_requests_are_the_subsets_of_the_trained_size(composing_pipe, vocabulary):

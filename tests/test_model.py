@@ -4,6 +4,7 @@ import torch
 
 import model as model_lib
 from cli import UserError
+from sampling import SamplingSettings
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +115,8 @@ def test_guidance(trained_tiny):
     pipe.set_progress_bar_config(disable=True)
 
     def sample(conditions, scale, max_t=None):
-        return pipe(conditions, num_inference_steps=5, guidance_scale=scale, guidance_max_t=max_t,
-                    generator=torch.Generator().manual_seed(3), output_type="np").images
+        return pipe(conditions, SamplingSettings("ddim", 5, scale, max_t), generator=torch.Generator().manual_seed(3),
+                    output_type="np").images
 
     assert np.array_equal(sample(labels[:2], 0.0), sample(labels[2:4], 0.0))  # scale 0: labels ignored
     assert not np.array_equal(sample(labels[:2], 1.0), sample(labels[:2], 3.0))
@@ -184,6 +185,28 @@ def test_object_tokens_bind_colour_to_shape(tiny_tokens, vocabulary):
         again = tiny_tokens(x.flip(0), t, swapped[:2].flip(0)).flip(0)
     assert (out[0] - tiny_tokens(x[:1], t[:1], swapped[1:2])).abs().mean() > 1e-3  # binding changes the output
     assert torch.allclose(out, again, atol=1e-6)  # batch position does not matter
+
+
+def test_more_token_slots_with_null_tokens_keep_what_the_model_reads(tiny_tokens, vocabulary):
+    """Raising max_objects from 4 to 6 adds null tokens to every request and changes its output; with
+    null_tokens=4 the extra slots are masked out for requests of up to 4 labels (the same output, to float
+    rounding), and requests of 5 and 6 labels read all their objects."""
+    requests = vocabulary.encode_all([[], ["red sphere"], ["red sphere", "cyan cube", "gray cylinder", "blue cube"],
+                                      ["red sphere", "cyan cube", "gray cylinder", "blue cube", "green sphere"]])
+    six = model_lib.build_model("tiny-tokens", vocabulary.names, max_objects=6).eval()
+    masked = model_lib.build_model("tiny-tokens", vocabulary.names, max_objects=6, null_tokens=4).eval()
+    for model in (six, masked):
+        model.load_state_dict(tiny_tokens.state_dict())
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([900, 600, 300, 50])
+    with torch.no_grad():
+        four, plain, kept = tiny_tokens(x[:3], t[:3], requests[:3]), six(x, t, requests), masked(x, t, requests)
+    # two more null tokens change every request with an object (all-null attention reads the null token alike)
+    assert (plain[1:3] - four[1:]).abs().amax((1, 2, 3)).min() > 1e-4
+    assert torch.allclose(kept[:3], four, atol=1e-5)
+    assert masked.token_mask(requests).tolist() == [[1, 1, 1, 1, 0, 0]] * 3 + [[1, 1, 1, 1, 1, 0]]
+    fifth = vocabulary.encode_all([["red sphere", "cyan cube", "gray cylinder", "blue cube", "brown cube"]])
+    with torch.no_grad():
+        assert (masked(x[3:], t[3:], fifth) - kept[3:]).abs().mean() > 1e-4  # the fifth object is read
 
 
 def test_token_model_denoises_at_32_and_outputs_64(tiny_tokens):

@@ -38,22 +38,22 @@ def test_a_model_is_shipped_small():
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
 def shipped(request):
-    from sampling import prepare_pipeline
+    from model import prepare_pipeline
 
     pipe, settings = prepare_pipeline(request.param)
     return request.param, pipe, settings
 
 
 def test_loads_and_samples_deterministically_with_its_settings(shipped):
-    from sampling import generate, generation_options
+    from model import generate
 
     folder, pipe, settings = shipped
-    assert settings == json.loads((folder / "sampling.json").read_text())
+    assert settings.to_json() == json.loads((folder / "sampling.json").read_text())
     assert pipe.unet.dtype == torch.float32
     labels = [["red sphere", "cyan cube"], ["gray cylinder"]]
-    first = generate(pipe, labels, seed=0, **generation_options(settings))
-    again = generate(pipe, labels, seed=0, **generation_options(settings))
-    other = generate(pipe, labels, seed=1, **generation_options(settings))
+    first = generate(pipe, labels, settings, seed=0)
+    again = generate(pipe, labels, settings, seed=0)
+    other = generate(pipe, labels, settings, seed=1)
     assert first.shape == (2, 64, 64, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
@@ -65,11 +65,11 @@ def test_draws_the_requested_objects(shipped):
     import dataset
     from scoring import score
     from evaluator import evaluation_model
-    from sampling import generate, generation_options
+    from model import generate
 
     folder, pipe, settings = shipped
     names = pipe.unet.vocabulary.names
-    images = generate(pipe, [[name] for name in names], seed=0, **generation_options(settings))
+    images = generate(pipe, [[name] for name in names], settings, seed=0)
     accuracy = score(evaluation_model(EVALUATOR, device="cpu"), images, [[n] for n in names],
                      dataset.find_vocabulary())["accuracy"]
     assert accuracy > THRESHOLD, accuracy
@@ -82,11 +82,11 @@ def test_draws_three_requested_objects(shipped):
     import dataset
     from scoring import score
     from evaluator import evaluation_model
-    from sampling import generate, generation_options
+    from model import generate
 
     folder, pipe, settings = shipped
     vocabulary = dataset.find_vocabulary()
     requests = dataset.random_conditions(16, vocabulary, {3: 1.0}, seed=0)
-    images = generate(pipe, requests, seed=0, **generation_options(settings))
+    images = generate(pipe, requests, settings, seed=0)
     accuracy = score(evaluation_model(EVALUATOR, device="cpu"), images, requests, vocabulary)["accuracy"]
     assert accuracy > THREE_OBJECT_THRESHOLD, accuracy

@@ -41,22 +41,23 @@ def test_sample_writes_grid_images_conditions_and_process(samples, synthetic_dat
 
 def test_process_columns_follow_the_image_from_noise_to_the_final_one(tiny_run):
     import sample as sample_lib
-    import sampling
-    from model import load_pipeline, sampling_scheduler
+    from model import generate, load_pipeline, sampling_scheduler
+    from sampling import SamplingSettings
 
     pipe = load_pipeline(tiny_run / "model")
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, "ddim")
     pipe.set_progress_bar_config(disable=True)
     labels = ["red sphere", "cyan cube"]
-    every = sample_lib.process_columns(pipe, labels, 0, steps=12, frames=20)  # more frames than steps: all
+    settings = SamplingSettings("ddim", 12)
+    every = sample_lib.process_columns(pipe, labels, settings, 0, frames=20)  # more frames than steps: all
     titles = [title for title, _, _ in every]
     assert titles == [f"t={int(t)}" for t in pipe.scheduler.timesteps] + ["final"] and titles[0] == "t=999"
     assert all(top.shape == (64, 64, 3) and 0 <= top.min() and top.max() <= 1 for _, top, _ in every)
     assert all(bottom.shape == (64, 64, 3) for _, _, bottom in every[:-1]) and every[-1][2] is None
-    chosen = sample_lib.process_columns(pipe, labels, 0, steps=12, frames=6)
+    chosen = sample_lib.process_columns(pipe, labels, settings, 0, frames=6)
     assert len(chosen) == 6 and chosen[0][0] == "t=999" and chosen[-1][0] == "final"
     assert {title for title, _, _ in chosen} <= set(titles)
-    generated = sampling.generate(pipe, [labels], 0, 12)[0]
+    generated = generate(pipe, [labels], settings, 0)[0]
     assert np.array_equal((chosen[-1][1] * 255).round().astype(np.uint8), generated)  # the final image itself
 
 
@@ -178,11 +179,11 @@ def test_export_ships_half_precision_weights_with_their_sampling_settings(tiny_r
         return record["sampler"], record["steps"], record["guidance_scale"], record.get("guidance_max_t")
 
     assert settings() == ("ddim", 3, 2.0, 500)
-    from sampling import prepare_pipeline
+    from model import prepare_pipeline
     # a folder without sampling.json (train.py's model/ when it did not evaluate): DDIM, not dpm++ (at chance on
     # epsilon models with linear betas) or ddpm (1000 steps)
     assert not (tiny_run / "model" / "sampling.json").exists()
-    assert prepare_pipeline(tiny_run / "model")[1] == {"sampler": "ddim", "steps": 50, "guidance_scale": 1.0}
+    assert prepare_pipeline(tiny_run / "model")[1].to_json() == {"sampler": "ddim", "steps": 50, "guidance_scale": 1.0}
     assert settings("--steps", 2, "--guidance-scale", 1) == ("ddim", 2, 1.0, 500)
     assert settings("--sampler", "dpm++", "--steps", 2, "--guidance-max-t", 1000) == ("dpm++", 2, 2.0, 1000)
     assert settings("--sampler", "dpm++", "--seed", 1) == ("dpm++", 25, 2.0, 500)  # not the folder's 3 ddim steps
@@ -231,25 +232,22 @@ def test_condition_files_of_one_name_get_folders_of_their_own(tiny_run, syntheti
 
 
 def test_bf16_sampling_is_close_to_fp32_and_stored_with_an_export(tiny_run, tmp_path):
-    import sampling as sample_lib
-    from model import fast_bf16
+    from model import fast_bf16, generate, prepare_pipeline
 
-    pipe, settings = sample_lib.prepare_pipeline(tiny_run / "model", "ddim", 4, 1.0, precision="bf16")
+    pipe, settings = prepare_pipeline(tiny_run / "model", sampler="ddim", steps=4, guidance_scale=1.0, precision="bf16")
     if not fast_bf16("cpu"):
-        assert settings["sampler"] == "ddim" and "precision" not in settings  # fp32 where bf16 would be emulated
+        assert settings.sampler == "ddim" and settings.precision == "fp32"  # fp32 where bf16 would be emulated
         return
-    assert settings["precision"] == "bf16"
-    options = sample_lib.generation_options(settings)
-    bf16 = sample_lib.generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], 0, **options)
-    fp32 = sample_lib.generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], 0,
-                               **{**options, "precision": "fp32"})
+    assert settings.precision == "bf16"
+    bf16 = generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], settings, 0)
+    fp32 = generate(pipe, [["red cube"], ["blue sphere", "gray cylinder"]], settings.replace(precision="fp32"), 0)
     assert not np.array_equal(bf16, fp32)  # bf16 arithmetic was used
     assert np.abs(bf16.astype(float) - fp32.astype(float)).mean() < 8  # out of 255: the same pictures
     exported = run_script("export.py", tiny_run / "model", tmp_path / "exported", "--precision", "bf16")
     assert exported.returncode == 0, exported.stderr
     assert json.loads((tmp_path / "exported" / "sampling.json").read_text())["precision"] == "bf16"
-    assert sample_lib.prepare_pipeline(tmp_path / "exported")[1]["precision"] == "bf16"
-    assert "precision" not in sample_lib.prepare_pipeline(tmp_path / "exported", precision="fp32")[1]
+    assert prepare_pipeline(tmp_path / "exported")[1].precision == "bf16"
+    assert prepare_pipeline(tmp_path / "exported", precision="fp32")[1].precision == "fp32"
 
 
 def constant_evaluator(path, vocabulary, first_read):

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -418,6 +419,58 @@ def test_composites_of_several_pastes_teach_five_and_six_objects(synthetic_data,
     images = draw(0)
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
     assert np.array_equal(images, draw(0)) and not np.array_equal(images, draw(1))
+
+
+def test_a_model_of_four_tokens_can_be_fine_tuned_with_six(synthetic_data, tmp_path):
+    """--init from a 4-token model into a 6-token run: the token count is not in the weights, so it is allowed;
+    without null_tokens a warning says that every request changes, with null_tokens=4 there is none."""
+    from model import load_pipeline
+
+    four = train(synthetic_data, tmp_path / "four", "--preset", "tiny-tokens", "--max-steps", 1, "--meter-every", 0)
+    assert four.returncode == 0, four.stderr
+    six = ["--preset", "tiny-tokens", "--max-steps", 1, "--meter-every", 0, "--init", tmp_path / "four" / "model",
+           "--composite-scenes", 30, "--composite-pastes", 3, "--model-option", "max_objects=6"]
+    plain = train(synthetic_data, tmp_path / "plain", *six)
+    assert plain.returncode == 0, plain.stderr
+    assert ("read 4 object tokens and this run reads 6: more null tokens change what it draws for every request "
+            "(--model-option null_tokens=4 keeps its requests of up to 4 objects as they were)") in plain.stderr
+    kept = train(synthetic_data, tmp_path / "kept", *six, "--model-option", "null_tokens=4")
+    assert kept.returncode == 0, kept.stderr
+    assert "object tokens" not in kept.stderr
+    config = load_pipeline(tmp_path / "kept" / "model").unet.config
+    assert (config.max_objects, config.null_tokens, config.trained_objects) == (6, 4, 6)
+
+
+def test_report_to_tensorboard_logs_the_metrics_and_a_sample_grid(synthetic_data, tmp_path):
+    """--report-to tensorboard: RUN/tensorboard holds every number of metrics.jsonl (loss, learning rate, images/s,
+    the meter's bands, the accuracies) at its step, and each evaluation's sample grid; metrics.jsonl stays."""
+    pytest.importorskip("tensorboard")
+    import evaluator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.save({"model": evaluator.resnet18_classifier().state_dict()}, tmp_path / "evaluator.pth")
+    run = tmp_path / "run"
+    result = train(synthetic_data, run, "--preset", "tiny-tokens", "--max-steps", 2, "--meter-every", 2,
+                   "--evaluator", tmp_path / "evaluator.pth", "--eval-every", 2, "--eval-conditions", "random:4",
+                   "--eval-steps", 2, "--report-to", "tensorboard")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "images_per_s", "train_minutes", "acc_random-4", "meter_share_t0"} <= scalars, scalars
+    assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Scalars("acc_random-4")[0].step == 2
+    logged = {r["step"]: r["loss"] for r in records(run) if "loss" in r}
+    assert [round(e.value, 5) for e in events.Scalars("loss")] == [round(logged[1], 5), round(logged[2], 5)]
+    grid = events.Images("samples/random-4")[0]
+    assert grid.step == 2 and (grid.width, grid.height) == (4 * 66 + 2, 66 + 2)  # 4 images of 64, padded by 2
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--report-to", "nothing")
+    assert code == 2 and "--report-to: invalid choice: 'nothing'" in last_line(err)
+    if importlib.util.find_spec("wandb") is None:
+        code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "w", *TINY,
+                                "--report-to", "wandb")
+        assert code == 2 and last_line(err).endswith("error: --report-to wandb needs the wandb package (pip install "
+                                                     "wandb)")
 
 
 def test_a_recipe_file_trains_and_a_flag_overrides_it(synthetic_data, write_json, tmp_path):

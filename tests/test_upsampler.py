@@ -61,8 +61,8 @@ def test_training_beats_bicubic_on_held_out_scenes(upsampled, synthetic_data):
 
 
 def test_the_folder_keeps_the_unet_and_the_pipeline_uses_the_upsampler(upsampled, tokens_folder):
-    from model import load_pipeline
-    from sampling import generate
+    from model import generate, load_pipeline
+    from sampling import SamplingSettings
 
     folder, _ = upsampled
     before, after = digests(tokens_folder), digests(folder)
@@ -71,9 +71,9 @@ def test_the_folder_keeps_the_unet_and_the_pipeline_uses_the_upsampler(upsampled
     plain, sharp = load_pipeline(tokens_folder), load_pipeline(folder)
     assert plain.upsampler is None and sharp.upsampler is not None
     labels = [["red sphere", "cyan cube"], ["gray cylinder"]]
-    images = generate(sharp, labels, seed=0, steps=3)
-    assert np.array_equal(images, generate(sharp, labels, seed=0, steps=3))
-    assert not np.array_equal(images, generate(plain, labels, seed=0, steps=3))
+    images = generate(sharp, labels, SamplingSettings(steps=3), seed=0)
+    assert np.array_equal(images, generate(sharp, labels, SamplingSettings(steps=3), seed=0))
+    assert not np.array_equal(images, generate(plain, labels, SamplingSettings(steps=3), seed=0))
 
 
 def test_an_upsampler_can_be_taken_from_another_folder(upsampled, tokens_folder, synthetic_data, tmp_path):
@@ -93,8 +93,8 @@ def test_an_upsampler_can_be_taken_from_another_folder(upsampled, tokens_folder,
 
 
 def test_export_keeps_the_upsampler(upsampled, tmp_path):
-    from model import load_pipeline
-    from sampling import generate
+    from model import generate, load_pipeline
+    from sampling import SamplingSettings
 
     folder, _ = upsampled
     code, _, stderr = run_main("export.py", folder, tmp_path / "shared", "--steps", 3)
@@ -104,7 +104,8 @@ def test_export_keeps_the_upsampler(upsampled, tmp_path):
     for ours, theirs in zip(original.upsampler.parameters(), exported.upsampler.parameters()):
         assert torch.allclose(ours, theirs, atol=1e-3) and (ours != 0).any()
     labels = [["red sphere"]]
-    difference = np.abs(generate(original, labels, steps=3).astype(int) - generate(exported, labels, steps=3))
+    three = SamplingSettings(steps=3)
+    difference = np.abs(generate(original, labels, three).astype(int) - generate(exported, labels, three))
     assert difference.mean() < 2  # fp16 weights: a rounding apart
 
 
