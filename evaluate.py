@@ -115,7 +115,7 @@ def parse_args(argv=None):
                         "objects:K:N[:SEED] (N sets of K objects from different training scenes) (default: "
                         "DATA_DIR/test.json DATA_DIR/new_test.json)")
     p.add_argument("--seeds", type=int, default=1, help="score with seeds 0..N-1 and report mean ± std")
-    add_sampling_flags(p)
+    add_sampling_flags(p, profiles=True)
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--evaluator", action="append", metavar="CHECKPOINT",
@@ -173,7 +173,8 @@ def main(argv=None):
         condition_sets = dict(zip(dataset.unique_set_names(sources, list(names)), requests))
         drawn = generate_sets(pipe, condition_sets, sampling, range(args.seeds), args.batch_size,
                               compose_threshold(args))
-        settings = {"model": args.model, **sampling.to_json(), "seeds": args.seeds, "conditions": sources}
+        settings = {"model": args.model, **({"profile": args.profile} if args.profile else {}), **sampling.to_json(),
+                    "seeds": args.seeds, "conditions": sources}
     by_evaluator = {path: score_sets(evaluator, drawn, condition_sets, vocabulary)
                     for path, evaluator in evaluators.items()}
     first, results = next(iter(evaluators.items())), next(iter(by_evaluator.values()))

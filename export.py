@@ -8,6 +8,7 @@ float32 weights again (sample.py, evaluate.py, ICLEVRPipeline.from_pretrained(..
 """
 import argparse
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ from model import ICLEVRPipeline, find_model_dir, load_pipeline
 from sampling import SamplingSettings, add_sampling_flags, read_sampling_json, sampling_flags
 
 
-def export(source, destination, sampling, half=True, max_shard_mb=None):
+def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None):
     """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` (a
-    SamplingSettings); `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
+    SamplingSettings) and named `profiles` ({name: SamplingSettings}) beside it; `max_shard_mb` splits larger
+    weight files (for transfers with a file-size limit)."""
     pipe = load_pipeline(source)
     destination = Path(destination)
     make_output_dir(destination.parent)
@@ -29,7 +31,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None):
     shards = {"max_shard_size": f"{max_shard_mb}MB"} if max_shard_mb else {}
     # a new pipeline object: the loaded one's config would record the source path
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
-    sampling.write(temp)
+    sampling.write(temp, profiles)
     publish_dir(temp, destination, manifest=True)
     return destination
 
@@ -39,20 +41,36 @@ def parse_args(argv=None):
     p.add_argument("source", help="trained model: RUN/model, a run folder or a checkpoint RUN/checkpoints/step-N")
     p.add_argument("destination", help="new model folder, e.g. pretrained/NAME (replaced if it exists)")
     add_sampling_flags(p, default_from="the source folder's sampling.json", compose=False)
+    p.add_argument("--as-profile", metavar="NAME",
+                   help="write the sampling flags as the named profile NAME (sample.py --profile NAME; e.g. fast), "
+                        "based on the source's NAME profile where it has one, else on its default settings, which "
+                        "stay the folder's default (default: the flags change the default settings)")
     p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
     p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.as_profile is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.as_profile):
+        p.error(f"--as-profile {args.as_profile!r}: a name of letters, digits, '-' and '_'")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # each flag, then what the source was measured with (a re-export keeps its settings), then the defaults
-    sampling = SamplingSettings.resolve(read_sampling_json(find_model_dir(args.source)), **sampling_flags(args))
+    # each flag, then what the source was measured with (a re-export keeps its settings and profiles), then the
+    # defaults
+    saved = read_sampling_json(find_model_dir(args.source))
+    profiles = {name: SamplingSettings.resolve(saved, profile=name) for name in saved.get("profiles", {})}
+    if args.as_profile is None:
+        sampling = SamplingSettings.resolve(saved, **sampling_flags(args))
+    else:
+        sampling = SamplingSettings.resolve(saved)
+        base = saved.get("profiles", {}).get(args.as_profile, saved)
+        profiles[args.as_profile] = SamplingSettings.resolve(base, **sampling_flags(args))
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
-    folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb)
-    print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling.sampler}, "
-          f"{sampling.steps} steps, {sampling.describe_guidance()}, {sampling.precision})")
+    folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb,
+                    profiles=profiles)
+    print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling.describe()}" +
+          "".join(f"; profile {name}: {profile.describe()}" for name, profile in sorted(profiles.items())) + ")")
     return 0
 
 

@@ -515,9 +515,14 @@ def prepare_pipeline(model, device="cpu", **flags):
     then the model folder's sampling.json, then the defaults); the flags are checked before the model is loaded.
     bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or AVX512-BF16) is fp32, with a note.
     -> (pipe, settings)"""
-    SamplingSettings.resolve({}, **flags)
+    SamplingSettings.resolve({}, **{**flags, "profile": None})
     pipe = load_pipeline(model, pick_device(device))
-    settings = SamplingSettings.resolve(pipe.sampling_settings, **flags)
+    try:
+        settings = SamplingSettings.resolve(pipe.sampling_settings, **flags)
+    except UserError as error:
+        if flags.get("profile") is None or "no such profile" in str(error):
+            raise
+        raise UserError(f"{find_model_dir(model)}/sampling.json, profile {flags['profile']!r}: {error}")
     if settings.precision == "bf16" and not fast_bf16(pipe.device.type):
         warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
         settings = settings.replace(precision="fp32")

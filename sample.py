@@ -121,7 +121,7 @@ def parse_args(argv=None):
                         "DATA_DIR/new_test.json when neither --labels nor --process is given)")
     p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR, help="where the default condition files are")
     p.add_argument("--labels", help='one label set, comma-separated: "red sphere,cyan cube"')
-    add_sampling_flags(p)
+    add_sampling_flags(p, profiles=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise: same seed, same images")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -159,7 +159,8 @@ def main(argv=None):
     for _, label_lists in jobs.values():  # a request the model cannot draw is refused before anything is written
         pipe.label_vectors(label_lists, compose_above)
     out = make_output_dir(args.out)
-    settings = {"model": str(args.model), **sampling.to_json(), "seed": args.seed}
+    settings = {"model": str(args.model), **({"profile": args.profile} if args.profile else {}), **sampling.to_json(),
+                "seed": args.seed}
     for name, (source, label_lists) in jobs.items():
         images = generate(pipe, label_lists, sampling, args.seed, args.batch_size, compose_above=compose_above)
         folder = write_sample_folder(out / name, images, {"source": source, **settings, "labels": label_lists})

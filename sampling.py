@@ -85,6 +85,10 @@ class SamplingSettings:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def describe(self):
+        """'ddim, 20 steps, guidance 3, bf16', for printed summaries."""
+        return f"{self.sampler}, {self.steps} steps, {self.describe_guidance()}, {self.precision}"
+
     def describe_guidance(self):
         """'guidance 3', 'guidance 3 below t=500' or 'guidance 3 below t=500; 4 objects: guidance 2'."""
         return "; ".join([Guidance(self.guidance_scale, self.guidance_max_t).describe()] +
@@ -105,16 +109,23 @@ class SamplingSettings:
             settings["joint_weight"] = self.joint_weight
         return settings if self.precision == "fp32" else {**settings, "precision": self.precision}
 
-    def write(self, folder):
-        (Path(folder) / SAMPLING_FILE).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+    def write(self, folder, profiles=None):
+        """sampling.json: these settings (the default profile), and `profiles` ({name: SamplingSettings}) beside
+        them."""
+        settings = self.to_json()
+        if profiles:
+            settings["profiles"] = {name: profile.to_json() for name, profile in sorted(profiles.items())}
+        (Path(folder) / SAMPLING_FILE).write_text(json.dumps(settings, indent=1) + "\n")
 
     @classmethod
     def resolve(cls, saved, sampler=None, steps=None, guidance_scale=None, guidance_max_t=None, precision=None,
-                guidance_by_objects=None, joint_weight=None):
+                guidance_by_objects=None, joint_weight=None, profile=None):
         """The settings to sample with: each explicit value first, then what the model folder was measured with
-        (`saved`, its sampling.json as read_sampling_json gives it; its steps only with its own sampler), then the
-        defaults (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every object count,
-        composition alone, fp32)."""
+        (`saved`, its sampling.json as read_sampling_json gives it, or its named `profile`; its steps only with its
+        own sampler), then the defaults (DEFAULT_SAMPLER, DEFAULT_STEPS, guidance 1 at every step and for every
+        object count, composition alone, fp32)."""
+        if profile is not None:
+            saved = named_profile(saved, profile)
         sampler = sampler or saved.get("sampler", DEFAULT_SAMPLER)
         if steps is None and saved.get("sampler") == sampler:
             steps = saved.get("steps")
@@ -129,15 +140,36 @@ class SamplingSettings:
                    precision or saved.get("precision", "fp32"))
 
 
+def named_profile(saved, name):
+    """A sampling.json's named profile (--profile NAME), in the form of the file's top level."""
+    profiles = saved.get("profiles", {})
+    if name not in profiles:
+        have = f"it has: {', '.join(sorted(profiles))}" if profiles else "it has none"
+        raise UserError(f"--profile {name}: the model folder's sampling.json has no such profile ({have})")
+    return profiles[name]
+
+
 def read_sampling_json(folder):
     """The folder's sampling.json, its types checked: {"sampler": ..., "steps": ..., "guidance_scale": ...,
     "guidance_max_t": ..., "precision": ..., "guidance_by_objects": {"K": {"guidance_scale": ...,
-    "guidance_max_t": ...}}, "joint_weight": ...}, each optional ({} without the file). Ranges are checked when
-    SamplingSettings.resolve merges it with the flags."""
+    "guidance_max_t": ...}}, "joint_weight": ..., "profiles": {NAME: {the same}}}, each optional ({} without the
+    file). Ranges are checked when SamplingSettings.resolve merges it with the flags."""
     path = Path(folder) / SAMPLING_FILE
     if not path.is_file():
         return {}
     settings = read_json(path, "sampling settings file")
+    profiles = settings.get("profiles", {}) if isinstance(settings, dict) else {}
+    if not (isinstance(profiles, dict) and all(isinstance(p, dict) for p in profiles.values())):
+        raise UserError(f'{path}: "profiles" must map names to settings like the top level\'s')
+    checked = checked_settings(settings, path)
+    if profiles:
+        checked["profiles"] = {name: checked_settings(profile, f"{path}, profile {name!r}")
+                               for name, profile in profiles.items()}
+    return checked
+
+
+def checked_settings(settings, path):
+    """One level of a sampling.json (the top, or a profile), its types checked."""
     expected = {"sampler": str, "steps": int, "guidance_scale": (int, float), "guidance_max_t": int, "precision": str,
                 "guidance_by_objects": dict, "joint_weight": (int, float)}
     if not isinstance(settings, dict) or any(k in settings and not isinstance(settings[k], kind)
@@ -173,9 +205,11 @@ def parse_guidance_by_objects(texts):
     return settings
 
 
-def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True, prefix="", precision_default="fp32"):
+def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True, prefix="", precision_default="fp32",
+                       profiles=False):
     """The sampling flags, with one help text each: sampler, steps, guidance scale and range, guidance per object
-    count, joint weight, precision and (with `compose`) the composition threshold. Unset, each is None:
+    count, joint weight, precision, (with `compose`) the composition threshold and (with `profiles`) the model
+    folder's named profile. Unset, each is None:
     `default_from` (a model folder's sampling.json; None: no folder), then the defaults (SamplingSettings.resolve).
     `prefix` ("eval-") names them --eval-sampler, ... for train.py's evaluation."""
     def flag(name, *aliases, **options):
@@ -185,6 +219,11 @@ def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True, prefix
         return f"(default: {default_from}, else {value})" if default_from else f"(default: {value})"
 
     steps = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
+    if profiles:
+        flag("profile", metavar="NAME",
+             help="sample with the model folder's named profile (sampling.json \"profiles\", e.g. fast: fewer "
+                  "steps) instead of its default settings; the flags below still override it (default: the "
+                  "folder's default settings, its most accurate)")
     flag("sampler", choices=SAMPLERS,
          help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at chance on "
               f"epsilon models with linear betas) {default(DEFAULT_SAMPLER)}")
@@ -226,7 +265,8 @@ def sampling_flags(args, prefix=""):
     def value(name):
         return getattr(args, prefix.replace("-", "_") + name)
 
-    return {"sampler": value("sampler"), "steps": value("steps"), "guidance_scale": value("guidance_scale"),
-            "guidance_max_t": value("guidance_max_t"), "precision": value("precision"),
-            "guidance_by_objects": parse_guidance_by_objects(value("guidance_by_objects")),
-            "joint_weight": value("joint_weight")}
+    flags = {"sampler": value("sampler"), "steps": value("steps"), "guidance_scale": value("guidance_scale"),
+             "guidance_max_t": value("guidance_max_t"), "precision": value("precision"),
+             "guidance_by_objects": parse_guidance_by_objects(value("guidance_by_objects")),
+             "joint_weight": value("joint_weight")}
+    return {**flags, "profile": value("profile")} if hasattr(args, prefix.replace("-", "_") + "profile") else flags

@@ -210,6 +210,51 @@ def test_a_re_export_keeps_the_sources_sampling_settings(tiny_run, tmp_path):
     assert json.loads((changed / "sampling.json").read_text()) == {**expected, "guidance_scale": 5.0}
 
 
+def test_a_named_profile_ships_beside_the_default_settings(tiny_run, tmp_path):
+    """export.py --as-profile fast writes the flags as profile "fast" and keeps the default settings;
+    sample.py --profile fast samples with it (a flag still overrides it); a re-export keeps the profiles; a missing
+    profile and a bad one are one line each."""
+    shipped, again = tmp_path / "shipped", tmp_path / "again"
+    assert run_script("export.py", tiny_run / "model", shipped, "--steps", 3, "--guidance-scale", 2).returncode == 0
+    code, out, err = run_main("export.py", shipped, again, "--as-profile", "fast", "--steps", 2, "--sampler", "ddim")
+    assert code == 0, err
+    stored = json.loads((again / "sampling.json").read_text())
+    default = {"sampler": "ddim", "steps": 3, "guidance_scale": 2.0}
+    assert stored == {**default, "profiles": {"fast": {**default, "steps": 2}}}
+    assert "samples with ddim, 3 steps, guidance 2, fp32; profile fast: ddim, 2 steps, guidance 2, fp32" in out
+    assert run_script("export.py", again, tmp_path / "third").returncode == 0
+    assert json.loads((tmp_path / "third" / "sampling.json").read_text()) == stored
+
+    def record(*flags):
+        out = tmp_path / f"s{len(flags)}"
+        code, _, err = run_main("sample.py", "--model", again, "--out", out, "--labels", "red sphere", *flags)
+        assert code == 0, err
+        return json.loads((out / "labels" / "conditions.json").read_text())
+
+    assert record()["steps"] == 3 and "profile" not in record()
+    fast = record("--profile", "fast")
+    assert (fast["profile"], fast["steps"], fast["guidance_scale"]) == ("fast", 2, 2.0)
+    assert record("--profile", "fast", "--guidance-scale", 1)["guidance_scale"] == 1.0
+    code, _, err = run_main("sample.py", "--model", again, "--out", tmp_path / "no", "--labels", "red sphere",
+                            "--profile", "slow")
+    assert (code, last_line(err)) == (2, "error: --profile slow: the model folder's sampling.json has no such "
+                                         "profile (it has: fast)")
+    code, _, err = run_main("sample.py", "--model", shipped, "--out", tmp_path / "no", "--labels", "red sphere",
+                            "--profile", "fast")
+    assert (code, last_line(err)) == (2, "error: --profile fast: the model folder's sampling.json has no such "
+                                         "profile (it has none)")
+    (again / "sampling.json").write_text(json.dumps({**stored, "profiles": {"fast": {"sampler": "lcm"}}}))
+    (again / "manifest.json").unlink()  # edited by hand: no longer what export.py wrote
+    code, _, err = run_main("sample.py", "--model", again, "--out", tmp_path / "no", "--labels", "red sphere",
+                            "--profile", "fast")
+    assert (code, last_line(err)) == (2, f"error: {again}/sampling.json, profile 'fast': unknown sampler 'lcm' "
+                                         f"(choose from ddpm, ddim, dpm++)")
+    assert not (tmp_path / "no").exists()
+    code, _, err = run_main("export.py", shipped, tmp_path / "bad", "--as-profile", "fast one")
+    assert code == 2 and last_line(err).endswith("error: --as-profile 'fast one': a name of letters, digits, '-' "
+                                                 "and '_'")
+
+
 def test_condition_files_of_one_name_get_folders_of_their_own(tiny_run, synthetic_data, vocabulary, tmp_path):
     """a/test.json and b/test.json used to write both into OUT/test, the second over the first."""
     for folder, requests in (("a", [["red sphere"]]), ("b", [["cyan cube"], ["gray cylinder"]])):
