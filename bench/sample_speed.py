@@ -4,7 +4,11 @@
 
 Each configuration is timed end to end through the same pipeline sample.py uses (after one untimed warm-up
 call), with --repeats runs; the median is reported. ddpm with 1000 steps is skipped for models above
---ddpm-max-params (it takes minutes per grid on a CPU).
+--ddpm-max-params (it takes minutes per grid on a CPU). With --baseline ddim:20 each timed run is followed by one
+of the baseline, and the ratio of the two medians is printed too: this machine's speed drifts, a ratio much less.
+
+    python bench/sample_speed.py --model pretrained/iclevr-tokens --configs ddim:10 dpm++:6 --baseline ddim:20 \
+        --guidance-scale 3 --precisions bf16 --repeats 3
 """
 import argparse
 import statistics
@@ -39,6 +43,9 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--device", default="auto", help="cpu or cuda")
     p.add_argument("--ddpm-max-params", type=float, default=5e6, help="skip ddpm:1000 above this many parameters")
+    p.add_argument("--baseline", metavar="SAMPLER:STEPS",
+                   help="also time this setting after each timed run, and print each configuration's time as a "
+                        "share of it (default: none)")
     args = p.parse_args()
 
     pipe = load_pipeline(args.model, pick_device(args.device))
@@ -53,23 +60,36 @@ def main():
     print(f"model {args.model} ({params / 1e6:.2f}M parameters), {len(labels)} images, "
           f"{Guidance(args.guidance_scale, args.guidance_max_t).describe()}, device {pipe.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'sampler':<8s} {'steps':>6s} {'precision':>9s} {'seconds':>8s} {'accuracy':>9s}")
+    print(f"{'sampler':<8s} {'steps':>6s} {'precision':>9s} {'seconds':>8s} {'accuracy':>9s}" +
+          (f" {'x ' + args.baseline:>14s}" if args.baseline else ""))
+
+    def timed(settings):
+        pipe.scheduler = sampling_scheduler(train_config, settings.sampler)
+        start = time.perf_counter()
+        images = generate(pipe, labels, settings, args.seed)
+        return time.perf_counter() - start, images
+
     for config, precision in [(c, p) for c in args.configs for p in args.precisions]:
         sampler, steps = config.split(":")
         steps = int(steps)
         if sampler == "ddpm" and steps >= 1000 and params > args.ddpm_max_params:
             print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {'skipped':>8s}")
             continue
-        pipe.scheduler = sampling_scheduler(train_config, sampler)
         settings = SamplingSettings(sampler, steps, args.guidance_scale, args.guidance_max_t, precision=precision)
+        baseline = settings.replace(sampler=args.baseline.split(":")[0], steps=int(args.baseline.split(":")[1])) \
+            if args.baseline else None
+        pipe.scheduler = sampling_scheduler(train_config, sampler)
         generate(pipe, labels[:1], settings.replace(steps=1), args.seed)  # warm-up
-        times, images = [], None
+        times, baseline_times, images = [], [], None
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            images = generate(pipe, labels, settings, args.seed)
-            times.append(time.perf_counter() - start)
+            seconds, images = timed(settings)
+            times.append(seconds)
+            if baseline:
+                baseline_times.append(timed(baseline)[0])
         accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
-        print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {statistics.median(times):>8.2f} {accuracy:>9s}", flush=True)
+        ratio = (f" {statistics.median(times) / statistics.median(baseline_times):>14.3f}" if baseline else "")
+        print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {statistics.median(times):>8.2f} {accuracy:>9s}{ratio}",
+              flush=True)
     return 0
 
 

@@ -169,3 +169,28 @@ def test_gpu_bundle_is_refused_where_it_would_not_fit_beside_the_checkout(synthe
     result = run_script(box / "bench/gpu_bundle.py", "--data-dir", synthetic_data, "--preset", "tiny-tokens",
                         "--out", box / "gpu-bundle", "--no-wheels")
     assert result.returncode == 0 and "to spare beside the checkout" in result.stdout, result.stderr
+
+
+def test_sample_speed_times_each_setting_against_an_interleaved_baseline(tiny_run, synthetic_data):
+    """--baseline: each configuration's seconds beside its share of the baseline's, timed in turn in one run."""
+    result = run_script("bench/sample_speed.py", "--model", tiny_run / "model", "--conditions",
+                        synthetic_data / "test.json", "--configs", "ddim:2", "dpm++:2", "--baseline", "ddim:4",
+                        "--repeats", 2)
+    assert result.returncode == 0, result.stderr
+    assert "x ddim:4" in result.stdout
+    rows = re.findall(r"^(ddim|dpm\+\+)\s+2\s+fp32\s+([\d.]+)\s+-\s+([\d.]+)$", result.stdout, re.M)
+    assert [sampler for sampler, _, _ in rows] == ["ddim", "dpm++"], result.stdout
+    assert all(float(seconds) > 0 and 0 < float(ratio) for _, seconds, ratio in rows)
+
+
+def test_speed_accuracy_figure_draws_the_given_points(tmp_path):
+    points = {"title": "t", "points": [{"setting": "ddim 20", "seconds": 40.0, "accuracy": 0.98, "std": 0.01},
+                                       {"setting": "ddim 10", "seconds": 20.0, "accuracy": 0.95}],
+              "target": {"seconds": 2, "accuracy": 0.97}}
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    result = run_script("bench/speed_accuracy.py", "--points", tmp_path / "points.json", "--out", tmp_path / "f.png")
+    assert result.returncode == 0, result.stderr
+    assert "(2 points)" in result.stdout and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text(json.dumps({"points": [{"setting": "x"}]}))
+    result = run_script("bench/speed_accuracy.py", "--points", tmp_path / "bad.json", "--out", tmp_path / "g.png")
+    assert result.returncode == 2 and not (tmp_path / "g.png").exists()
