@@ -20,7 +20,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from cli import UserError, read_json, replacing, warn
+# In a model folder that diffusers loads with trust_remote_code, the project's files lie beside this one as a
+# package; in the project they are top-level modules. Each fallback stays on its except line, where
+# diffusers' import check does not read it as a package to pip install.
+try:
+    from .cli import UserError, read_json, replacing, warn
+except ImportError: from cli import UserError, read_json, replacing, warn  # noqa: E701
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_VOCABULARY = PROJECT_DIR / "object.json"

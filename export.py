@@ -4,7 +4,8 @@ settings it was measured with (sampling.json), which sample.py and evaluate.py u
     python export.py runs/tokens/model pretrained/tokens-cpu --sampler ddim --steps 15 --guidance-scale 3
 
 The folder is written under a temporary name and moved into place, so it is complete or absent. Loading gives
-float32 weights again (sample.py, evaluate.py, ICLEVRPipeline.from_pretrained(..., dtype=torch.float32)).
+float32 weights again (sample.py, evaluate.py, model.load_pipeline). The folder also carries the project's model code,
+so diffusers alone loads it: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
 """
 import argparse
 import os
@@ -14,8 +15,40 @@ from pathlib import Path
 import torch
 
 from cli import UserError, folder_megabytes, make_output_dir, publish_dir, run_cli
-from model import ICLEVRPipeline, find_model_dir, load_pipeline
+from model import ICLEVRPipeline, add_folder_code, find_model_dir, load_pipeline
 from sampling import SamplingSettings, add_sampling_flags, read_sampling_json, sampling_flags
+
+
+CARD_HEADER = """---
+library_name: diffusers
+license: unknown
+tags:
+- diffusers
+- ddpm
+- class-conditional
+- i-clevr
+- compositional-generation
+- ICLEVRPipeline
+datasets:
+- i-CLEVR
+---
+
+"""  # the model card's metadata, which the Hub and other tools index
+
+
+def model_card(source):
+    """The source folder's model card (README.md) with the metadata header, or a short one saying how to load it."""
+    card = Path(source) / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        return text if text.startswith("---\n") else CARD_HEADER + text
+    return CARD_HEADER + (
+        "# An i-CLEVR diffusion model (ICLEVRPipeline)\n\nExported by iclevr-ddpm's export.py. With diffusers alone:\n"
+        "\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+        'pipe = DiffusionPipeline.from_pretrained("path/to/folder", trust_remote_code=True)\n'
+        'settings = pipe.use_sampling_json("path/to/folder")   # its sampling.json\n'
+        'images = pipe([["red sphere", "cyan cube"]], settings, generator=torch.Generator().manual_seed(0)).images\n'
+        "```\n")
 
 
 def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None):
@@ -32,6 +65,8 @@ def export(source, destination, sampling, half=True, max_shard_mb=None, profiles
     # a new pipeline object: the loaded one's config would record the source path
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
     sampling.write(temp, profiles)
+    add_folder_code(temp)  # loads with diffusers alone too
+    (temp / "README.md").write_text(model_card(find_model_dir(source)))
     publish_dir(temp, destination, manifest=True)
     return destination
 

@@ -19,8 +19,11 @@ this makes every step 4x cheaper; but bicubic's slight blur costs a classifier t
 """
 import inspect
 import itertools
+import json
+import shutil
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
@@ -30,9 +33,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import SafetensorError
 
-from cli import MANIFEST, UserError, manifest_problem, warn
-from dataset import IMAGE_SIZE, Vocabulary
-from sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, read_sampling_json
+# In a model folder that diffusers loads with trust_remote_code, the project's files lie beside this one as a
+# package; in the project they are top-level modules. Each fallback stays on its except line, where
+# diffusers' import check does not read it as a package to pip install.
+try:
+    from .cli import MANIFEST, UserError, manifest_problem, read_json, warn
+except ImportError: from cli import MANIFEST, UserError, manifest_problem, read_json, warn  # noqa: E701
+try:
+    from .dataset import IMAGE_SIZE, Vocabulary
+except ImportError: from dataset import IMAGE_SIZE, Vocabulary  # noqa: E701
+try:
+    from .sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, read_sampling_json
+except ImportError: from sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, read_sampling_json  # noqa: E701
 
 PRESETS = {
     # The report's model (diffusers' 64x64 example UNet): ~114M parameters, GPU only.
@@ -313,6 +325,14 @@ class ICLEVRPipeline(DiffusionPipeline):
             return to_image_size(sample, self.unet.config.image_size)
         return self.upsampler(sample.to(self.upsampler.dtype)).float()
 
+    def use_sampling_json(self, folder):
+        """The SamplingSettings a model folder's sampling.json holds (the defaults where it has none), with its
+        sampler set as this pipeline's scheduler. For a pipeline loaded by diffusers alone, one line:
+            settings = pipe.use_sampling_json(folder); pipe(label_lists, settings, generator=g)"""
+        settings = SamplingSettings.resolve(read_sampling_json(folder))
+        self.scheduler = sampling_scheduler(self.scheduler.config, settings.sampler)
+        return settings
+
     def label_vectors(self, conditions, compose_above="auto"):
         """Checked multi-hot rows for the requests; each may hold up to `max_objects` labels (the object-token
         model's tokens), or with composition (requests above `compose_above` labels; "auto": the model's
@@ -485,12 +505,15 @@ def load_pipeline(path, device="cpu"):
     problem = manifest_problem(path) if (path / MANIFEST).is_file() else None  # folders without one still load
     if problem is not None:
         raise UserError(f"{path} is damaged ({problem})")
-    try:
-        pipe = ICLEVRPipeline.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, TypeError, AttributeError, SafetensorError) as error:
+    index = read_json(path / "model_index.json", "pipeline index")
+    kind = index.get("_class_name") if isinstance(index, dict) else None
+    if (kind[-1] if isinstance(kind, list) else kind) != ICLEVRPipeline.__name__:
+        raise UserError(f"{path}: a {kind} folder, not an {ICLEVRPipeline.__name__}")
+    try:  # the project's own classes, never the code the folder carries for diffusers alone (FOLDER_CODE)
+        pipe = ICLEVRPipeline(**{name: load_component(path, name, index[name]) for name in
+                                 ("unet", "scheduler", "upsampler") if index.get(name, [None])[0] is not None})
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, SafetensorError) as error:
         raise UserError(f"{path}: cannot load the model ({str(error).splitlines()[0][:160]})")
-    if not isinstance(pipe, ICLEVRPipeline):
-        raise UserError(f"{path}: a {type(pipe).__name__} folder, not an {ICLEVRPipeline.__name__}")
     upsampler, unet = pipe.upsampler, pipe.unet
     if upsampler is not None and unet.denoising_size * upsampler.config.scale != unet.config.image_size:
         raise UserError(f"{path}: its upsampler scales by {upsampler.config.scale}, but the UNet denoises at "
@@ -500,6 +523,37 @@ def load_pipeline(path, device="cpu"):
     pipe.set_progress_bar_config(leave=False)
     pipe.sampling_settings = read_sampling_json(path)
     return pipe
+
+
+FOLDER_CODE = ("model.py", "sampling.py", "dataset.py", "cli.py")  # what a folder carries to load without us
+
+
+def add_folder_code(folder):
+    """Let `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` load a model folder without this
+    project: its own files (FOLDER_CODE), byte for byte, at the top (for the pipeline) and in each folder of a
+    component of this project's classes (diffusers reads a component's code from its own folder), and the index
+    naming the pipeline's file. load_pipeline never runs them: it builds the project's own classes."""
+    here, folder = Path(__file__).resolve().parent, Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    places = [folder] + [folder / name for name, entry in index.items()
+                         if isinstance(entry, list) and entry[0] == Path(FOLDER_CODE[0]).stem]
+    for place in places:
+        for name in FOLDER_CODE:
+            shutil.copyfile(here / name, place / name)
+    index["_class_name"] = [Path(FOLDER_CODE[0]).stem, ICLEVRPipeline.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_component(path, name, entry):
+    """One component of a model folder, with this project's class for its own (the UNets, the upsampler) and
+    diffusers' for a scheduler; float32 weights."""
+    library, class_name = entry
+    if library == "diffusers":
+        return getattr(diffusers, class_name).from_pretrained(path / name)
+    own = {**MODEL_CLASSES, Upsampler.__name__: Upsampler}
+    if class_name not in own:
+        raise ValueError(f"unknown component {name}: {library}.{class_name}")
+    return own[class_name].from_pretrained(path / name, torch_dtype=torch.float32)
 
 
 def pick_device(name=None):

@@ -12,7 +12,12 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from cli import UserError, read_json
+# In a model folder that diffusers loads with trust_remote_code, the project's files lie beside this one as a
+# package; in the project they are top-level modules. Each fallback stays on its except line, where
+# diffusers' import check does not read it as a package to pip install.
+try:
+    from .cli import UserError, read_json
+except ImportError: from cli import UserError, read_json  # noqa: E701
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25}

@@ -25,11 +25,11 @@ def draw(points, path, title, x_label, y_label, target=None):
     if target:
         axis.axvspan(0, target["seconds"], ymin=0, ymax=1, color="tab:green", alpha=0.08)
         axis.axhline(target["accuracy"], color="tab:green", linestyle="--", linewidth=1,
-                     label=f"target: <= {target['seconds']:g} s within 0.01")
-    for point in points:
+                     label=f"target: x <= {target['seconds']:g}, within 0.01")
+    for i, point in enumerate(points):
         axis.errorbar(point["seconds"], point["accuracy"], yerr=point.get("std", 0), fmt="o", capsize=3)
         axis.annotate(point["setting"], (point["seconds"], point["accuracy"]), textcoords="offset points",
-                      xytext=(6, -10), fontsize=8)
+                      xytext=(6, -10 if i % 2 == 0 else 4), fontsize=8)  # neighbours' labels apart
     axis.set_xscale("log")
     axis.set_xlabel(x_label)
     axis.set_ylabel(y_label)

@@ -22,6 +22,7 @@ THREE_OBJECT_THRESHOLD = 0.85
 
 def test_a_model_is_shipped_small():
     from cli import folder_megabytes
+    from model import FOLDER_CODE
 
     assert SHIPPED, "pretrained/ holds no model folder"
     for folder in SHIPPED:
@@ -33,6 +34,12 @@ def test_a_model_is_shipped_small():
             "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "joint_weight", "precision"}
         card = (folder / "README.md").read_text()  # the model card: what it is, its scores, how to load it
         assert "load_pipeline" in card and "test.json" in card and "How it was trained" in card
+        assert card.startswith("---\nlibrary_name: diffusers\n") and "trust_remote_code=True" in card
+        for place in (folder, folder / "unet", folder / "upsampler"):  # diffusers alone runs this code: ours
+            for name in FOLDER_CODE:
+                assert (place / name).read_bytes() == (REPO / name).read_bytes(), (
+                    f"{place / name} is not the project's {name}: re-export the folder (python export.py {folder} "
+                    f"/tmp/fresh && rm -r {folder} && mv /tmp/fresh {folder}: the same weights, settings and card)")
         assert (folder / "manifest.json").is_file()
 
 

@@ -1,11 +1,14 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import last_line, run_main, run_script
+from conftest import REPO, last_line, run_main, run_script
 
 
 def sample(model, out, *args):
@@ -253,6 +256,46 @@ def test_a_named_profile_ships_beside_the_default_settings(tiny_run, tmp_path):
     code, _, err = run_main("export.py", shipped, tmp_path / "bad", "--as-profile", "fast one")
     assert code == 2 and last_line(err).endswith("error: --as-profile 'fast one': a name of letters, digits, '-' "
                                                  "and '_'")
+
+
+def test_an_exported_folder_loads_with_diffusers_alone(tiny_run, tmp_path):
+    """export.py puts the project's own model code in the folder: DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True) loads it in a process that cannot import this repository, applies its sampling.json in
+    one line and draws; the code is the project's, byte for byte; load_pipeline still builds the project's
+    classes from it."""
+    import model as model_lib
+
+    shipped = tmp_path / "shipped"
+    assert run_script("export.py", tiny_run / "model", shipped, "--steps", 3, "--guidance-scale", 2).returncode == 0
+    for place in (shipped, shipped / "unet"):
+        for name in model_lib.FOLDER_CODE:
+            assert (place / name).read_bytes() == (REPO / name).read_bytes()
+    card = (shipped / "README.md").read_text()  # the Hub's metadata, and how to load it
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "trust_remote_code=True" in card
+    assert "datasets:\n- i-CLEVR" in card and "- ICLEVRPipeline" in card
+    loaded = model_lib.load_pipeline(shipped)
+    assert type(loaded) is model_lib.ICLEVRPipeline and type(loaded.unet) is model_lib.ConditionalUNet
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    script = (
+        "import sys, torch\n"
+        "assert not any(p and __import__('os').path.isfile(p + '/model.py') for p in sys.path), sys.path\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(shipped)!r}, trust_remote_code=True)\n"
+        f"settings = pipe.use_sampling_json({str(shipped)!r})\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "images = pipe([['red sphere', 'cyan cube']], settings, generator=torch.Generator().manual_seed(0),\n"
+        "              output_type='np').images\n"
+        "print(type(pipe).__module__, type(pipe).__name__, settings.steps, settings.guidance_scale, images.shape)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=outside, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    module, name, steps, scale, *shape = result.stdout.split()
+    assert not module.startswith("model") and name == "ICLEVRPipeline"  # the folder's copy, not ours
+    assert (steps, scale, " ".join(shape)) == ("3", "2.0", "(1, 64, 64, 3)")
+    assert "pip install" not in result.stderr  # diffusers' import check finds nothing missing
 
 
 def test_condition_files_of_one_name_get_folders_of_their_own(tiny_run, synthetic_data, vocabulary, tmp_path):
