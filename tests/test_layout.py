@@ -30,3 +30,17 @@ def test_every_script_runs_as_a_script():
     """Each name in SCRIPTS is an entry point (its main() behind the __main__ guard), so the list stays true."""
     for name in SCRIPTS:
         assert 'if __name__ == "__main__":' in (REPO / f"{name}.py").read_text(), name
+
+
+def test_the_code_a_model_folder_carries_needs_only_diffusers_and_what_it_installs():
+    """model.FOLDER_CODE runs where only torch, diffusers, safetensors and Pillow were installed (numpy and tqdm come
+    with them): every module it imports is one of those, the standard library, or one of the carried files."""
+    import sys
+
+    from model import FOLDER_CODE
+
+    carried = {name.removesuffix(".py") for name in FOLDER_CODE}
+    allowed = {"torch", "diffusers", "safetensors", "PIL", "numpy", "tqdm"} | carried | set(sys.stdlib_module_names)
+    for name in FOLDER_CODE:
+        extra = imported_names(REPO / name) - allowed
+        assert not extra, f"{name} imports {sorted(extra)}"

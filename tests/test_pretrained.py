@@ -65,6 +65,31 @@ def test_loads_and_samples_deterministically_with_its_settings(shipped):
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
+def test_the_shipped_folder_loads_with_diffusers_alone(tmp_path):
+    """DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), in a process that cannot import this
+    repository, loads each shipped folder with the code it carries, applies its sampling.json and draws."""
+    import os
+    import subprocess
+    import sys
+
+    for folder in SHIPPED:
+        script = (
+            "import sys, torch\n"
+            "assert not any(p and __import__('os').path.isfile(p + '/model.py') for p in sys.path), sys.path\n"
+            "from diffusers import DiffusionPipeline\n"
+            f"pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+            f"settings = pipe.use_sampling_json({str(folder)!r}).replace(steps=2)\n"
+            "pipe.set_progress_bar_config(disable=True)\n"
+            "images = pipe([['red sphere']], settings, generator=torch.Generator().manual_seed(0), output_type='np')\n"
+            "print(type(pipe).__name__, type(pipe.unet).__name__, images.images.shape)\n")
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_MODULES_CACHE": str(tmp_path)}
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[:2] == ["ICLEVRPipeline", json.loads(
+            (folder / "unet" / "config.json").read_text())["_class_name"]]
+
+
 def test_draws_the_requested_objects(shipped):
     """24 single-object requests, one per label, scored by the project's evaluator (as in docs/RESULTS.md)."""
     if not EVALUATOR.is_file():
