@@ -549,11 +549,11 @@ def load_component(path, name, entry):
     diffusers' for a scheduler; float32 weights."""
     library, class_name = entry
     if library == "diffusers":
-        return getattr(diffusers, class_name).from_pretrained(path / name)
+        return getattr(diffusers, class_name).from_pretrained(str(path / name))  # configs keep it: JSON
     own = {**MODEL_CLASSES, Upsampler.__name__: Upsampler}
     if class_name not in own:
         raise ValueError(f"unknown component {name}: {library}.{class_name}")
-    return own[class_name].from_pretrained(path / name, torch_dtype=torch.float32)
+    return own[class_name].from_pretrained(str(path / name), torch_dtype=torch.float32)
 
 
 def pick_device(name=None):
