@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cli import UserError, run_cli
-from model import generate, prepare_pipeline, sampling_scheduler
+from model import generate, prepare_pipeline, runnable_here, sampling_scheduler
 from sampling import SamplingSettings
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
@@ -104,7 +104,8 @@ def main(argv=None):
         raise UserError("app.py needs gradio (pip install -r requirements.txt)")
     pipe, settings = prepare_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    profiles = {"default": settings, **{name: SamplingSettings.resolve(pipe.sampling_settings, profile=name)
+    profiles = {"default": settings, **{name: runnable_here(SamplingSettings.resolve(pipe.sampling_settings,
+                                                                                      profile=name), pipe.device.type)
                                         for name in pipe.sampling_settings.get("profiles", {})}}
     page = build_page(pipe, profiles)
     print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)

@@ -257,10 +257,13 @@ def record_metrics(run_dir, accelerator, record):
                     step=record["step"])
 
 
-def log_sample_grids(accelerator, grids, step):
-    """Each evaluated set's first 32 images, as one grid, to the --report-to tracker."""
-    for tracker in accelerator.trackers:
-        for name, grid in grids.items():
+def log_sample_grids(accelerator, images, step):
+    """Each evaluated set's first 32 images ({name: uint8 NHWC}), as one grid, to the --report-to tracker."""
+    if not accelerator.trackers:  # no grids to draw
+        return
+    for name, drawn in images.items():
+        grid = make_grid(torch.from_numpy(drawn[:32]).permute(0, 3, 1, 2), nrow=8).permute(1, 2, 0).numpy()
+        for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({f"samples/{name}": grid[None]}, step=step, dataformats="NHWC")
             else:
@@ -373,10 +376,8 @@ class Evaluation:
                                                                        self.sampling_settings.sampler),
                               upsampler=upsampler)
         pipe.set_progress_bar_config(disable=True)
-        results, images = self.scoring.evaluate_model(pipe, self.evaluator, self.condition_sets,
-                                                      self.sampling_settings)
-        self.grids = {name: make_grid(torch.from_numpy(drawn[:32]).permute(0, 3, 1, 2), nrow=8).permute(1, 2, 0)
-                      .numpy() for name, drawn in images.items()}  # for --report-to
+        results, self.images = self.scoring.evaluate_model(pipe, self.evaluator, self.condition_sets,
+                                                           self.sampling_settings)  # images: for --report-to
         model.train()
         ema.restore(model.parameters())
         scores = {f"acc_{name}": result["mean"] for name, result in results.items()}
@@ -521,7 +522,7 @@ def train(args, accelerator, run_dir, stop):
             if evaluation and (evaluation.due(step, steps, train_seconds) or out_of_time):  # the last model too
                 scores = evaluation(raw_model, ema, noise_scheduler, upsampler)
                 record_metrics(run_dir, accelerator, {"step": step, "train_minutes": train_seconds / 60, **scores})
-                log_sample_grids(accelerator, evaluation.grids, step)
+                log_sample_grids(accelerator, evaluation.images, step)
                 progress.bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items()
                                                                 if k.startswith("acc_")))
             if is_main and (step % args.checkpoint_every == 0 or step == steps or stop_now):

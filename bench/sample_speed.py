@@ -47,6 +47,7 @@ def main():
                    help="also time this setting after each timed run, and print each configuration's time as a "
                         "share of it (default: none)")
     args = p.parse_args()
+    baseline_sampler, baseline_steps = args.baseline.split(":") if args.baseline else (None, None)
 
     pipe = load_pipeline(args.model, pick_device(args.device))
     train_config = pipe.scheduler.config  # every sampler is built from the training schedule
@@ -76,8 +77,7 @@ def main():
             print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {'skipped':>8s}")
             continue
         settings = SamplingSettings(sampler, steps, args.guidance_scale, args.guidance_max_t, precision=precision)
-        baseline = settings.replace(sampler=args.baseline.split(":")[0], steps=int(args.baseline.split(":")[1])) \
-            if args.baseline else None
+        baseline = settings.replace(sampler=baseline_sampler, steps=int(baseline_steps)) if args.baseline else None
         pipe.scheduler = sampling_scheduler(train_config, sampler)
         generate(pipe, labels[:1], settings.replace(steps=1), args.seed)  # warm-up
         times, baseline_times, images = [], [], None

@@ -458,10 +458,10 @@ def composite_scenes(data, count, seed=0, batch=256, pastes=1):
             base_images, base_labels = paste_objects(data, steps, base_images, base_labels, len(share), rng,
                                                      batch, bar)
             if len(base_labels) < len(share):
-                what = "their object" if pasted == 1 else f"object {pasted} of {pastes}"
+                what = "their object" if pasted == 1 else (f"object {pasted} of {pastes} (the floor fills up: fewer "
+                                                           f"--composite-pastes or more --composite-scenes)")
                 raise UserError(f"only {len(base_labels)} of {len(share)} composite scenes found a place to paste "
-                                f"{what}" + (" (the floor fills up: fewer --composite-pastes or more --composite-scenes)"
-                                               if pasted > 1 else ""))
+                                f"{what}")
             images.extend(base_images)
             label_lists.extend(base_labels)
     labels = np.stack([data.vocabulary.encode(names) for names in label_lists])

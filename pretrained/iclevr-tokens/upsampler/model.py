@@ -43,8 +43,9 @@ try:
     from .dataset import IMAGE_SIZE, Vocabulary
 except ImportError: from dataset import IMAGE_SIZE, Vocabulary  # noqa: E701
 try:
-    from .sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, read_sampling_json
-except ImportError: from sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, read_sampling_json  # noqa: E701
+    from .sampling import MAX_COMPOSED, SAMPLERS, SamplingSettings, named_profile, read_sampling_json
+except ImportError: from sampling import (MAX_COMPOSED, SAMPLERS, SamplingSettings, named_profile,  # noqa: E701
+                                          read_sampling_json)
 
 PRESETS = {
     # The report's model (diffusers' 64x64 example UNet): ~114M parameters, GPU only.
@@ -500,7 +501,8 @@ def find_model_dir(path):
 
 def load_pipeline(path, device="cpu"):
     """-> ICLEVRPipeline in float32 (a shipped folder may hold fp16 weights), with one-line errors for what is
-    missing or foreign. `pipe.sampling_settings` holds the folder's sampling.json (sampling.read_sampling_json; {} without one)."""
+    missing or foreign. `pipe.sampling_settings` holds the folder's sampling.json (sampling.read_sampling_json; {}
+    without one)."""
     path = find_model_dir(path)
     problem = manifest_problem(path) if (path / MANIFEST).is_file() else None  # folders without one still load
     if problem is not None:
@@ -569,19 +571,35 @@ def prepare_pipeline(model, device="cpu", **flags):
     then the model folder's sampling.json, then the defaults); the flags are checked before the model is loaded.
     bf16 where the hardware has no fast bf16 (a CPU without AMX-BF16 or AVX512-BF16) is fp32, with a note.
     -> (pipe, settings)"""
-    SamplingSettings.resolve({}, **{**flags, "profile": None})
+    profile = flags.pop("profile", None)
+    SamplingSettings.resolve({}, **flags)
     pipe = load_pipeline(model, pick_device(device))
-    try:
+    if profile is None:
         settings = SamplingSettings.resolve(pipe.sampling_settings, **flags)
-    except UserError as error:
-        if flags.get("profile") is None or "no such profile" in str(error):
-            raise
-        raise UserError(f"{find_model_dir(model)}/sampling.json, profile {flags['profile']!r}: {error}")
-    if settings.precision == "bf16" and not fast_bf16(pipe.device.type):
-        warn(f"this {pipe.device.type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
-        settings = settings.replace(precision="fp32")
+    else:
+        settings = profile_settings(pipe, model, profile, **flags)
+    settings = runnable_here(settings, pipe.device.type)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings.sampler)
     return pipe, settings
+
+
+def profile_settings(pipe, model, profile, **flags):
+    """The settings of the folder's named profile, merged with the flags; a bad value in it is a one-line error
+    that names the profile."""
+    saved = named_profile(pipe.sampling_settings, profile)
+    try:
+        return SamplingSettings.resolve(saved, **flags)
+    except UserError as error:  # the flags were checked already: the profile holds the bad value
+        raise UserError(f"{find_model_dir(model)}/sampling.json, profile {profile!r}: {error}")
+
+
+def runnable_here(settings, device_type):
+    """bf16 where this hardware has no fast bf16 (a CPU without AMX-BF16 or AVX512-BF16) becomes fp32, with a
+    note: emulated bf16 is slower than fp32."""
+    if settings.precision == "bf16" and not fast_bf16(device_type):
+        warn(f"this {device_type.upper()} has no fast bf16 (AMX-BF16 or AVX512-BF16 on a CPU): sampling in fp32")
+        return settings.replace(precision="fp32")
+    return settings
 
 
 def generate(pipe, label_lists, settings=None, seed=0, batch_size=64, callback=None, compose_above="auto"):
