@@ -6,6 +6,7 @@ manifest.json (every file's size and SHA-256). Each is written under a temporary
 killed run leaves complete checkpoints only; one damaged later is found by its manifest when a run resumes,
 renamed to damaged-step-N (kept for the user, out of --keep rotation) and skipped for the newest intact one.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -37,6 +38,23 @@ def lock_run_dir(run_dir):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+@contextlib.contextmanager
+def open_run_dir(run_dir, is_main, resume):
+    """A training script's hold on its run folder: locked by the main process, what a killed write left cleared,
+    and a new run (`resume` None) refused where checkpoints already are."""
+    lock = lock_run_dir(run_dir) if is_main else None
+    try:
+        if is_main:
+            remove_partial_writes(run_dir)
+        if resume is None and checkpoint_dirs(run_dir):
+            raise UserError(f"{run_dir} already has checkpoints: add --resume latest to continue, or pick another "
+                            "--out")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def remove_partial_writes(run_dir):

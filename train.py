@@ -11,7 +11,6 @@ import difflib
 import importlib.util
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid
-from tqdm.auto import tqdm
 
 import checkpoints
 import dataset
@@ -31,20 +29,16 @@ from cli import UserError, read_json, run_cli
 from model import (PRESETS, ICLEVRPipeline, build_model, count_parameters, fast_bf16, sampling_scheduler,
                    training_scheduler)
 from sampling import SamplingSettings, add_sampling_flags, sampling_flags
-from training import (make_lr_scheduler, make_optimizer, optimisation_step, parse_model_option, prepare_model,
-                      step_generator, training_batch, training_loss)
+from training import (NonFiniteLoss, StopRequest, TrainingBar, finish_run, make_lr_scheduler,
+                      make_optimizer, optimisation_step, parse_model_option, prepare_model, step_generator,
+                      training_batch, training_loss)
 
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Presets whose training step bf16 autocast makes faster on a CPU with AMX-BF16 (bench/train_throughput.py,
 # docs/RESULTS.md): tokens 1.12x, tokens-wide 1.6x, small 1.09x, seed 2.8x; with AVX512-BF16 (AMD Zen 4), tokens
 # 1.12x, tokens-wide 1.62x. tiny (0.80x) and cpu (0.85x) are
 # slower in bf16, so --mixed-precision auto keeps them in fp32.
 CPU_BF16_PRESETS = {"small", "tokens", "tokens-wide", "seed"}
 REPORTERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to: the package each needs
-
-
-class NonFiniteLoss(UserError):
-    exit_code = 3
 
 
 def parse_args(argv=None):
@@ -234,22 +228,6 @@ def recipe_arguments(path, parser):
 # Training
 
 
-class StopRequest:
-    """While active, SIGINT/SIGTERM only set a flag; the loop checkpoints at the end of the step and exits."""
-
-    def __enter__(self):
-        self.signal = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_INTERRUPTED}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        self.signal = signal.Signals(signum)
-
-
 def record_metrics(run_dir, accelerator, record):
     """One line of metrics.jsonl, and its numbers to the --report-to tracker (none: nothing more)."""
     metrics.append_metrics(run_dir, record)
@@ -303,42 +281,6 @@ def check_object_counts(model):
     if limit is not None and most > limit:
         raise UserError(f"some training images have {most} labels, but the model reads at most {limit} "
                         f"(add --model-option max_objects={most})")
-
-
-class TrainingBar:
-    """The training progress bar, whose total and remaining time follow whichever limit ends the run first: with
-    only a step limit it counts steps; with --max-minutes it counts wall-clock seconds (the step and images/s
-    beside them) up to the time limit, or up to when the steps at the pace so far will end, if sooner. `clock`
-    is time.monotonic, or a stand-in for tests."""
-
-    def __init__(self, start, steps, max_minutes=None, clock=time.monotonic, disable=False, **tqdm_options):
-        self.start, self.steps, self.clock, self.began = start, steps, clock, clock()
-        self.limit = None if max_minutes is None else max_minutes * 60
-        self.postfix = {}
-        if self.limit is None:
-            self.bar = tqdm(total=steps, initial=start, desc="training", unit="step", disable=disable, **tqdm_options)
-        else:
-            self.bar = tqdm(total=self.limit, desc="training", unit="s", disable=disable, **tqdm_options,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
-
-    def update(self, step, **postfix):
-        self.postfix.update(postfix)
-        if self.limit is None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(self.postfix, refresh=False)
-            return
-        elapsed, done = self.clock() - self.began, step - self.start
-        by_steps = elapsed / done * (self.steps - self.start) if done else float("inf")
-        self.bar.total = min(self.limit, by_steps)
-        self.bar.n = min(elapsed, self.bar.total)
-        self.bar.set_postfix({"step": f"{step}/{self.steps}", **self.postfix})
-
-    def close(self, finished=True):
-        """`finished`: the run reached its limit (the bar shows 100%), rather than being interrupted."""
-        if finished and self.limit is not None:
-            self.bar.n = self.bar.total
-            self.bar.refresh()
-        self.bar.close()
 
 
 class Evaluation:
@@ -400,22 +342,15 @@ def main(argv=None):
     run_dir = Path(args.out)
     accelerator = Accelerator(mixed_precision=mixed, log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=run_dir)
-    lock = checkpoints.lock_run_dir(run_dir) if accelerator.is_main_process else None
     try:
-        with StopRequest() as stop:
+        with checkpoints.open_run_dir(run_dir, accelerator.is_main_process, args.resume), StopRequest() as stop:
             return train(args, accelerator, run_dir, stop)
     finally:
         accelerator.end_training()  # closes the trackers' files
-        if lock is not None:
-            lock.close()
 
 
 def train(args, accelerator, run_dir, stop):
     is_main, device = accelerator.is_main_process, accelerator.device
-    if is_main:
-        checkpoints.remove_partial_writes(run_dir)
-    if args.resume is None and checkpoints.checkpoint_dirs(run_dir):
-        raise UserError(f"{run_dir} already has checkpoints: add --resume latest to continue, or pick another --out")
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
@@ -535,17 +470,9 @@ def train(args, accelerator, run_dir, stop):
     except BaseException:
         progress.close(finished=False)
         raise
-    progress.close(finished=stop.signal is None)
-    accelerator.wait_for_everyone()
-    if stop.signal is not None:
-        print(f"interrupted by {stop.signal.name} at step {step}: checkpoint saved in {run_dir}/checkpoints; "
-              f"continue with --resume latest", file=sys.stderr)
-        return EXIT_INTERRUPTED[stop.signal]
-    if is_main:
-        checkpoints.export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model", sampling, upsampler)
-        print(f"{'stopped after --max-minutes' if step < steps else 'done'} at step {step}: "
-              f"model exported to {run_dir / 'model'}", file=sys.stderr)
-    return 0
+    return finish_run(stop, progress, accelerator, run_dir, step, steps, what="model", export=lambda:
+                      checkpoints.export_pipeline(raw_model, ema, noise_scheduler, run_dir / "model", sampling,
+                                                  upsampler))
 
 
 if __name__ == "__main__":

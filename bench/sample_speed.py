@@ -9,6 +9,9 @@ of the baseline, and the ratio of the two medians is printed too: this machine's
 
     python bench/sample_speed.py --model pretrained/iclevr-tokens --configs ddim:10 dpm++:6 --baseline ddim:20 \
         --guidance-scale 3 --precisions bf16 --repeats 3
+
+A distilled student (distill.py) against its teacher's stored setting: --model runs/student/model --baseline ddim:20
+--baseline-model pretrained/iclevr-tokens.
 """
 import argparse
 import statistics
@@ -46,10 +49,16 @@ def main():
     p.add_argument("--baseline", metavar="SAMPLER:STEPS",
                    help="also time this setting after each timed run, and print each configuration's time as a "
                         "share of it (default: none)")
+    p.add_argument("--baseline-model", metavar="FOLDER",
+                   help="draw the --baseline setting with this model folder, e.g. a student's teacher (default: "
+                        "--model)")
     args = p.parse_args()
+    if args.baseline_model and not args.baseline:
+        p.error("--baseline-model needs --baseline (the setting to draw with it)")
     baseline_sampler, baseline_steps = args.baseline.split(":") if args.baseline else (None, None)
 
     pipe = load_pipeline(args.model, pick_device(args.device))
+    baseline_pipe = load_pipeline(args.baseline_model, pipe.device) if args.baseline_model else pipe
     train_config = pipe.scheduler.config  # every sampler is built from the training schedule
     labels = dataset.load_conditions(args.conditions, pipe.unet.vocabulary)
     vocabulary = dataset.find_vocabulary()
@@ -64,10 +73,10 @@ def main():
     print(f"{'sampler':<8s} {'steps':>6s} {'precision':>9s} {'seconds':>8s} {'accuracy':>9s}" +
           (f" {'x ' + args.baseline:>14s}" if args.baseline else ""))
 
-    def timed(settings):
-        pipe.scheduler = sampling_scheduler(train_config, settings.sampler)
+    def timed(settings, drawing=pipe):
+        drawing.scheduler = sampling_scheduler(train_config, settings.sampler)
         start = time.perf_counter()
-        images = generate(pipe, labels, settings, args.seed)
+        images = generate(drawing, labels, settings, args.seed)
         return time.perf_counter() - start, images
 
     for config, precision in [(c, p) for c in args.configs for p in args.precisions]:
@@ -80,12 +89,14 @@ def main():
         baseline = settings.replace(sampler=baseline_sampler, steps=int(baseline_steps)) if args.baseline else None
         pipe.scheduler = sampling_scheduler(train_config, sampler)
         generate(pipe, labels[:1], settings.replace(steps=1), args.seed)  # warm-up
+        if baseline_pipe is not pipe:
+            timed(baseline.replace(steps=1), baseline_pipe)
         times, baseline_times, images = [], [], None
         for _ in range(args.repeats):
             seconds, images = timed(settings)
             times.append(seconds)
             if baseline:
-                baseline_times.append(timed(baseline)[0])
+                baseline_times.append(timed(baseline, baseline_pipe)[0])
         accuracy = f"{score(evaluator, images, labels, vocabulary)['accuracy']:.4f}" if evaluator else "-"
         ratio = (f" {statistics.median(times) / statistics.median(baseline_times):>14.3f}" if baseline else "")
         print(f"{sampler:<8s} {steps:>6d} {precision:>9s} {statistics.median(times):>8.2f} {accuracy:>9s}{ratio}",

@@ -183,6 +183,17 @@ def test_sample_speed_times_each_setting_against_an_interleaved_baseline(tiny_ru
     assert all(float(seconds) > 0 and 0 < float(ratio) for _, seconds, ratio in rows)
 
 
+def test_sample_speed_draws_the_baseline_with_another_model_folder(tiny_run, synthetic_data):
+    """--baseline-model: a student timed against its teacher; without --baseline it is a one-line error."""
+    common = ["--model", tiny_run / "model", "--conditions", synthetic_data / "test.json", "--configs", "ddim:2"]
+    result = run_script("bench/sample_speed.py", *common, "--baseline", "ddim:2", "--baseline-model",
+                        tiny_run / "checkpoints" / "step-00000020")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^ddim\s+2\s+fp32\s+[\d.]+\s+-\s+[\d.]+$", result.stdout, re.M), result.stdout
+    result = run_script("bench/sample_speed.py", *common, "--baseline-model", tiny_run / "model")
+    assert result.returncode == 2 and "--baseline-model needs --baseline" in result.stderr.strip().splitlines()[-1]
+
+
 def test_speed_accuracy_figure_draws_the_given_points(tmp_path):
     points = {"title": "t", "points": [{"setting": "ddim 20", "seconds": 40.0, "accuracy": 0.98, "std": 0.01},
                                        {"setting": "ddim 10", "seconds": 20.0, "accuracy": 0.95}],

@@ -4,7 +4,7 @@ import ast
 from conftest import REPO
 
 # the command-line entry points a user runs; everything else at the top level is a module below them
-SCRIPTS = {"train", "sample", "evaluate", "export", "upsampler", "app"}
+SCRIPTS = {"train", "distill", "sample", "evaluate", "export", "upsampler", "app"}
 
 
 def imported_names(path):

@@ -307,7 +307,7 @@ def test_the_training_bar_follows_whichever_limit_ends_the_run_first():
     machine no longer shows hours left), or up to where the step limit will end at the pace so far, if sooner."""
     import io
 
-    from train import TrainingBar
+    from training import TrainingBar
 
     now = [100.0]
     slow = TrainingBar(0, 18400, max_minutes=7, clock=lambda: now[0], file=io.StringIO())

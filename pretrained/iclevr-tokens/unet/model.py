@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
                        ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import SafetensorError
@@ -115,6 +116,12 @@ class LabelledUNetMixin:
     def denoising_size(self):
         return self.config.sample_size or self.config.image_size
 
+    @property
+    def distilled(self):
+        """Whether this is a guidance-distilled student (distill.py): the guided output in one pass, the scale an
+        input."""
+        return getattr(self.config, "guidance_embedding_dim", None) is not None
+
 
 class ConditionalUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
     """UNet2DModel + a label projection into its time embedding.
@@ -158,6 +165,12 @@ class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
     masks the other slots out of cross-attention. A model trained with 4 tokens and given 6 (max_objects=6,
     null_tokens=4) then reads its 1-4-object requests exactly as before: more null tokens would draw attention
     away from the objects (the shipped model with 6 plain tokens fell from 0.983 to 0.776 on random:96:5).
+
+    `guidance_embedding_dim` (None: an ordinary model) makes a guidance-distilled student (distill.py; Meng et al.
+    2023): the guidance scale w is an input, a sinusoidal embedding of it added to the timestep's (diffusers'
+    `time_cond_proj_dim`, as in its LCM models), and one pass gives what its teacher gives in two,
+    eps_uncond + w * (eps_cond - eps_uncond). Its projection starts at zero: a new student is its teacher's
+    conditional output at every w.
     """
 
     @register_to_config
@@ -166,7 +179,7 @@ class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
                  cross_attention_dim=128, max_objects=4, norm_num_groups=32, dropout=0.0, trained_objects=None,
-                 null_tokens=None):
+                 null_tokens=None, guidance_embedding_dim=None):
         super().__init__()
         colours, shapes = zip(*(name.rsplit(" ", 1) if " " in name else (name, "") for name in label_names))
         colour_names, shape_names = sorted(set(colours)), sorted(set(shapes))
@@ -180,8 +193,16 @@ class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
             layers_per_block=layers_per_block, down_block_types=tuple(down_block_types),
             up_block_types=tuple(up_block_types), attention_head_dim=attention_head_dim,
             cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups, dropout=dropout,
-            class_embed_type="identity")
+            class_embed_type="identity", time_cond_proj_dim=guidance_embedding_dim)
+        if guidance_embedding_dim is not None:
+            torch.nn.init.zeros_(self.unet.time_embedding.cond_proj.weight)
         self.label_embedding = label_projection(len(label_names), block_out_channels[0] * 4)
+
+    def guidance_embedding(self, guidance_scale, batch, dtype):
+        """The scale(s) w, one number or one per sample, as the sinusoidal embedding of 1000 w (LCM's scaling: w
+        then varies as much as the timestep does)."""
+        scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.device).expand(batch)
+        return get_timestep_embedding(scale * 1000, self.config.guidance_embedding_dim).to(dtype)
 
     def object_tokens(self, labels):
         """(B, num_labels) multi-hot -> (B, max_objects, cross_attention_dim)."""
@@ -198,11 +219,17 @@ class ObjectTokenUNet(LabelledUNetMixin, ModelMixin, ConfigMixin):
         read = (labels > 0.5).sum(1, keepdim=True).clamp(min=null_tokens)
         return (torch.arange(slots, device=labels.device) < read).to(labels.dtype)
 
-    def forward(self, sample, timestep, labels):
+    def forward(self, sample, timestep, labels, guidance_scale=None):
+        """guidance_scale: a distilled student's w (one number or one per sample; required for it, refused for an
+        ordinary model)."""
+        if (guidance_scale is not None) != self.distilled:
+            raise ValueError("a guidance-distilled student needs guidance_scale; an ordinary model takes none")
         labels = labels.to(sample.dtype)
+        guidance = None if guidance_scale is None else self.guidance_embedding(guidance_scale, len(sample),
+                                                                                  sample.dtype)
         return self.unet(sample, timestep, encoder_hidden_states=self.object_tokens(labels).to(sample.dtype),
                          class_labels=self.label_embedding(labels), encoder_attention_mask=self.token_mask(labels),
-                         return_dict=False)[0]
+                         timestep_cond=guidance, return_dict=False)[0]
 
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (ConditionalUNet, ObjectTokenUNet)}
@@ -408,11 +435,15 @@ class ICLEVRPipeline(DiffusionPipeline):
         one per sample for joint sampling), guided as eps = eps_uncond + scale * (sum w eps_cond - eps_uncond),
         which for composed requests is Composable Diffusion's conjunction with the weight spread over the
         sub-requests. `guidance_scale`: one number, or one per sample (a sample at scale 1 then gets its
-        conditional output exactly, as when no sample is guided)."""
+        conditional output exactly, as when no sample is guided). A distilled student gives each row's guided
+        output in one pass; their weighted sum is the same conjunction, since the weights sum to 1."""
         joint = len(rows) == len(x)  # then owner is 0..n-1: the arithmetic of plain joint sampling, bit for bit
         inputs = x if joint else x[owner]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if guidance_scale == 1.0:
+            if self.unet.distilled:  # each row at its request's scale
+                scales = torch.tensor(guidance_scale, device=x.device, dtype=torch.float32).expand(len(x))[owner]
+                both = self.unet(inputs, t.expand(len(inputs)), rows, guidance_scale=scales)
+            elif guidance_scale == 1.0:
                 both = self.unet(inputs, t.expand(len(inputs)), rows)
             else:  # the sub-requests and every sample's unconditional input in one forward pass
                 both = self.unet(torch.cat([inputs, x]), t.expand(len(inputs) + len(x)),
@@ -421,7 +452,7 @@ class ICLEVRPipeline(DiffusionPipeline):
         if not joint:
             weighted = conditional * weights.to(conditional.dtype)[:, None, None, None]
             conditional = torch.zeros_like(x, dtype=conditional.dtype).index_add_(0, owner, weighted)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 or self.unet.distilled:
             return conditional
         if isinstance(guidance_scale, list):
             scale = torch.tensor(guidance_scale, device=x.device)[:, None, None, None]
