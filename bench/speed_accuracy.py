@@ -5,7 +5,7 @@ numbers in a JSON file (docs/speed_accuracy.json, each point's numbers copied fr
 
 {"title": ..., "x_label": ..., "y_label": ..., "points": [{"setting": "ddim 20", "seconds": 40.1, "accuracy": 0.983,
 "std": 0.005}, ...], "target": {"seconds": 2, "accuracy": 0.973}} ("target" optional: the issue's bar, drawn as a
-shaded corner).
+shaded corner; a point's optional "label_offset": [dx, dy] in points moves its label off a neighbour's).
 """
 import argparse
 import sys
@@ -29,7 +29,8 @@ def draw(points, path, title, x_label, y_label, target=None):
     for i, point in enumerate(points):
         axis.errorbar(point["seconds"], point["accuracy"], yerr=point.get("std", 0), fmt="o", capsize=3)
         axis.annotate(point["setting"], (point["seconds"], point["accuracy"]), textcoords="offset points",
-                      xytext=(6, -10 if i % 2 == 0 else 4), fontsize=8)  # neighbours' labels apart
+                      xytext=point.get("label_offset", (6, -10 if i % 2 == 0 else 4)),  # neighbours' labels apart
+                      fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel(x_label)
     axis.set_ylabel(y_label)
