@@ -148,14 +148,12 @@ def teacher_timesteps(teacher, steps):
 
 
 def load_data(args, vocabulary):
-    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir))
+    data = dataset.load_training_set(synthetic.resolve_data_dir(args.data_dir, args.cache_dir),
+                                     cache_dir=args.cache_dir)
     if data.vocabulary.names != vocabulary.names:
         raise UserError(f"{args.teacher} was trained with another label vocabulary ({len(vocabulary.names)} labels) "
                         f"than {args.data_dir} ({len(data.vocabulary.names)} labels)")
-    if args.composite_scenes:
-        data = data.joined(dataset.composite_scenes(data, args.composite_scenes, seed=args.seed,
-                                                    pastes=args.composite_pastes))
-    return data
+    return dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes)
 
 
 def check_same_teacher(run_dir, args):
@@ -216,13 +214,13 @@ def distill(args, accelerator, run_dir, stop):
     started = time.monotonic()
     images_since_log, seconds_since_log, step = 0, 0.0, start
     progress = TrainingBar(start, args.max_steps, args.max_minutes, disable=not is_main)
+    guidance_range = (args.guidance_min, args.guidance_max)
     try:
         while step < args.max_steps:
             tick = time.monotonic()
             generator = step_generator(args.seed, step, accelerator.process_index, device)
             x0, y = training_batch(images, labels, args.batch_size, args.seed, step, accelerator, generator,
                                    raw_student.denoising_size)
-            guidance_range = (args.guidance_min, args.guidance_max)
             if grid is None:
                 loss = distillation_loss(student, teacher.unet, noise_scheduler, x0, y, generator, guidance_range,
                                          accelerator.autocast)
@@ -230,10 +228,7 @@ def distill(args, accelerator, run_dir, stop):
                 loss = halving_loss(student, teacher.unet, noise_scheduler, grid, x0, y, generator, guidance_range,
                                     accelerator.autocast)
             if not optimisation_step(accelerator, student, optimizer, lr_scheduler, ema, loss, args.grad_clip):
-                last = checkpoints.checkpoint_dirs(run_dir)
-                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) in step {step + 1}; stopped without saving: "
-                                    f"{where} (a lower --lr may help)")
+                raise NonFiniteLoss.in_step(step + 1, loss, run_dir, advice=" (a lower --lr may help)")
             step += 1
             loss_value = loss.item()
             elapsed = time.monotonic() - tick

@@ -267,14 +267,6 @@ def split_meter_scenes(data, args):
     return (data.subset(kept), data.subset(held)) if len(held) else (data, None)
 
 
-def add_composite_scenes(data, args):
-    """The training set plus --composite-scenes pasted from its own scenes (never from the meter's)."""
-    if not args.composite_scenes:
-        return data
-    return data.joined(dataset.composite_scenes(data, args.composite_scenes, seed=args.seed,
-                                                pastes=args.composite_pastes))
-
-
 def check_object_counts(model):
     """An object-token model reads at most max_objects labels per image: more would be silently dropped."""
     limit, most = getattr(model.config, "max_objects", None), model.config.trained_objects
@@ -354,7 +346,8 @@ def train(args, accelerator, run_dir, stop):
 
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
-    data = add_composite_scenes(data, args)
+    # composites are pasted from the training scenes only, never from the meter's
+    data = dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes)
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     evaluation = Evaluation(args, data, precision) if (args.eval_every or args.eval_every_minutes) and is_main else None
     sampling = evaluation.sampling_settings if evaluation else None
@@ -426,10 +419,7 @@ def train(args, accelerator, run_dir, stop):
             if not optimisation_step(accelerator, model, optimizer, lr_scheduler, ema, loss, args.grad_clip):
                 bad_steps += 1
                 if bad_steps > args.max_bad_steps:
-                    last = checkpoints.checkpoint_dirs(run_dir)
-                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                    raise NonFiniteLoss(f"non-finite loss ({loss.item()}) in step {step + 1}; "
-                                        f"stopped without saving: {where}")
+                    raise NonFiniteLoss.in_step(step + 1, loss, run_dir)
                 step += 1  # skip this batch: the weights stay as they were
                 progress.update(step)
                 continue

@@ -13,6 +13,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
+import checkpoints
 import dataset
 from cli import UserError
 from model import prediction_target, to_sample_size
@@ -23,6 +24,13 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 class NonFiniteLoss(UserError):
     """A loss or gradient that is not finite stops a training script with exit code 3."""
     exit_code = 3
+
+    @classmethod
+    def in_step(cls, step, loss, run_dir, advice=""):
+        """The error for `step` (counted from 1), naming the checkpoint a resumed run would start from."""
+        last = checkpoints.checkpoint_dirs(run_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        return cls(f"non-finite loss ({loss.item()}) in step {step}; stopped without saving: {where}{advice}")
 
 
 def step_generator(seed, step, rank, device):

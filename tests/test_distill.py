@@ -113,11 +113,12 @@ def test_distillation_teaches_the_guided_output(vocabulary):
 
 
 def test_distill_script_checkpoints_resumes_exactly_and_exports_a_student(synthetic_data, teacher_folder, tmp_path):
-    """distill.py writes train.py's run folder; an interrupted run resumed gives the uninterrupted one's losses;
-    the exported student loads, draws finite images that follow their labels, the same ones for the same seed
-    after a save/load round trip, with the teacher's sampling settings."""
-    code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "whole")
+    """distill.py writes train.py's run folder and caches decoded images in --cache-dir; an interrupted run resumed
+    gives the uninterrupted one's losses; the exported student loads, draws finite images that follow their labels,
+    the same ones for the same seed after a save/load round trip, with the teacher's sampling settings."""
+    code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "whole", "--cache-dir", tmp_path / "cache")
     assert code == 0, err
+    assert list((tmp_path / "cache").glob("images-*.npy")), "--cache-dir: the decoded images are cached there"
     code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "split", "--max-minutes", "0")
     assert code == 0 and "stopped after --max-minutes at step 1" in err, err
     code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "split", "--resume", "latest")
