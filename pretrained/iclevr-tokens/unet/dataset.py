@@ -469,6 +469,12 @@ def composite_scenes(data, count, seed=0, batch=256, pastes=1):
     return TrainingSet(np.stack(images), labels, filenames, label_lists, data.vocabulary, data.data_dir)
 
 
+def with_composite_scenes(data, count, seed, pastes=1):
+    """`data` and `count` composites pasted from its own scenes (train.py's and distill.py's --composite-scenes);
+    `data` itself for 0."""
+    return data.joined(composite_scenes(data, count, seed=seed, pastes=pastes)) if count else data
+
+
 def paste_objects(data, steps, base_images, base_labels, count, rng, batch, bar):
     """Up to `count` of the bases, drawn at random, each with one object more: one of `steps` (added_objects)
     pasted where it fits. -> (uint8 images, label lists); fewer where few places fit"""
