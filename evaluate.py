@@ -23,7 +23,7 @@ from cli import UserError, make_output_dir, read_json, replacing, run_cli
 from evaluator import DEFAULT_CHECKPOINT, evaluation_model
 from model import prepare_pipeline
 from sampling import add_sampling_flags, compose_threshold, sampling_flags
-from scoring import MISREADINGS, frechet_to_real, generate_sets, parse_condition_arg, score_sets
+from scoring import MISREADINGS, frechet_to_real, generate_sets, parse_condition_arg, pool_sets, score_sets
 
 
 def load_sample_folder(folder, vocabulary):
@@ -84,6 +84,13 @@ def print_agreement(by_evaluator):
               "".join(f" {'-':>7s}" if gap is None else f" {gap:>+7.4f}" for gap in gaps))
 
 
+def print_pooled(pooled_by_evaluator):
+    for path, pooled in pooled_by_evaluator.items():
+        print(f"\nall {len(pooled['sets'])} sets pooled ({pooled['labels']} labels a seed, {Path(path).name}): "
+              f"{pooled['mean']:.4f}±{pooled['std']:.4f} over {len(pooled['seeds'])} seeds (" +
+              ", ".join(f"seed {seed}: {value:.4f}" for seed, value in pooled["seeds"].items()) + ")")
+
+
 def print_misreadings(results, evaluator, most):
     """Per set: the labels missed, by kind; the requests that repeat a colour; the `most` requests missed most."""
     print(f"\nmissed labels ({Path(evaluator).name}): what was read in their place")
@@ -125,6 +132,9 @@ def parse_args(argv=None):
     p.add_argument("--misread", type=int, default=5, metavar="N",
                    help="print the N requests of each set missed most, with what the evaluator read in their place "
                         "(all of them are in --json; 0: only the counts)")
+    p.add_argument("--pool", action="store_true",
+                   help="also score all the sets as one, per seed (each label of each set counted once; e.g. two "
+                        "random: draws, or objects:4:32 and objects:4:32:1), with mean ± std over the seeds")
     p.add_argument("--data-dir", default=dataset.DEFAULT_DATA_DIR,
                    help="course data: default condition files, the object-count mix of random:N, and the real "
                         "images of the Fréchet distance")
@@ -178,6 +188,9 @@ def main(argv=None):
     by_evaluator = {path: score_sets(evaluator, drawn, condition_sets, vocabulary)
                     for path, evaluator in evaluators.items()}
     first, results = next(iter(evaluators.items())), next(iter(by_evaluator.values()))
+    pooled = {path: pool_sets(scored) for path, scored in by_evaluator.items()} if args.pool else {}
+    if None in pooled.values():
+        raise UserError("--pool: the sets share no seed (each was drawn with other seeds): nothing to pool")
     if data is not None and args.reference_images:
         for name, by_seed in drawn.items():
             mix = dataset.object_count_mix(condition_sets[name])  # real images with the same object counts
@@ -189,12 +202,14 @@ def main(argv=None):
         print_table(scored)
     if len(by_evaluator) > 1:
         print_agreement(by_evaluator)
+    print_pooled(pooled)
     for path, scored in by_evaluator.items():
         print_misreadings(scored, path, args.misread)
     others = {path: scored for path, scored in by_evaluator.items() if path != first[0]}
     with replacing(json_path) as temp:
         temp.write_text(json.dumps({"settings": settings, "evaluator": first[0], "results": results,
-                                    **({"other_evaluators": others} if others else {})}, indent=1))
+                                    **({"other_evaluators": others} if others else {}),
+                                    **({"pooled": pooled} if pooled else {})}, indent=1))
     print(f"wrote {json_path}")
     return 0
 

@@ -32,7 +32,8 @@ def score(evaluator, images_uint8, label_lists, vocabulary):
     counts = [len(labels) for labels in label_lists]
     by_objects = {str(k): sum(h for h, n in zip(hits, counts) if n == k) / (k * counts.count(k))
                   for k in sorted(set(counts))}
-    return {"accuracy": sum(hits) / sum(counts), "by_objects": by_objects, "misread": misread}
+    return {"accuracy": sum(hits) / sum(counts), "hits": sum(hits), "labels": sum(counts), "by_objects": by_objects,
+            "misread": misread}
 
 
 def colour_and_shape(label):
@@ -139,6 +140,20 @@ def summarise(per_seed, label_lists):
             "by_objects": {k: float(np.mean([r["by_objects"][k] for r in per_seed.values() if k in r["by_objects"]]))
                            for k in keys},
             "misreadings": misreadings(per_seed, label_lists)}
+
+
+def pool_sets(results):
+    """Every set of `results` (score_sets' output) scored as one, per seed: the labels hit over the labels asked,
+    each label of each set counted once, so that a large set weighs more than a small one. Only the seeds that
+    every set was drawn with count; None when there is no such seed."""
+    seeds = sorted(set.intersection(*(set(result["seeds"]) for result in results.values())), key=int)
+    if not seeds:
+        return None
+    per_seed = {seed: sum(result["seeds"][seed]["hits"] for result in results.values()) /
+                sum(result["seeds"][seed]["labels"] for result in results.values()) for seed in seeds}
+    return {"sets": list(results), "labels": sum(result["seeds"][seeds[0]]["labels"] for result in results.values()),
+            "seeds": per_seed, "mean": float(np.mean(list(per_seed.values()))),
+            "std": float(np.std(list(per_seed.values())))}
 
 
 def generate_sets(pipe, condition_sets, settings, seeds, batch_size=64, compose_above="auto"):

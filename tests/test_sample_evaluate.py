@@ -386,6 +386,39 @@ def test_two_evaluators_side_by_side_and_what_each_misread(tiny_run, synthetic_d
     assert f"{'five':<16s}" in out and "-0.1429" in out and "-0.2500" in out  # the agreement table's gaps
 
 
+def test_pooled_sets_count_each_label_once_per_seed(tiny_run, synthetic_data, vocabulary, write_json, tmp_path):
+    """--pool scores the sets as one: a set of 7 labels and one of 2 weigh 7 to 2, not one to one."""
+    five = write_json("five.json", [["red cube"], ["red sphere"], ["blue sphere", "red cube"], ["green cylinder"],
+                                    ["red sphere", "red cylinder"]])
+    one = write_json("one.json", [["red cube", "red sphere"]])
+    first = constant_evaluator(tmp_path / "first.pth", vocabulary, ["red cube", "red sphere"])
+    second = constant_evaluator(tmp_path / "second.pth", vocabulary, ["green cylinder", "red sphere"])
+    code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--conditions", five, one, "--seeds", 2,
+                              "--sampler", "ddim", "--steps", 2, "--evaluator", first, "--evaluator", second, "--pool",
+                              "--data-dir", synthetic_data, "--reference-images", 0, "--json", tmp_path / "e.json")
+    assert code == 0, err
+    pooled = json.loads((tmp_path / "e.json").read_text())["pooled"]
+    # the first hits 3 of 7 labels and 2 of 2; the second 2 of 7 and 1 of 2 (red sphere only)
+    assert pooled[str(first)]["seeds"] == pytest.approx({"0": 5 / 9, "1": 5 / 9})
+    assert pooled[str(first)]["mean"] == pytest.approx(5 / 9) and pooled[str(first)]["std"] == pytest.approx(0)
+    assert pooled[str(second)]["mean"] == pytest.approx(3 / 9)
+    assert pooled[str(first)]["sets"] == ["five", "one"] and pooled[str(first)]["labels"] == 9
+    assert "all 2 sets pooled (9 labels a seed, first.pth): 0.5556" in out
+
+
+def test_pooling_sets_drawn_with_other_seeds_is_a_one_line_error(samples, tiny_run, synthetic_evaluator,
+                                                               synthetic_data, tmp_path):
+    checkpoint, _ = synthetic_evaluator
+    other = sample(tiny_run / "model", tmp_path / "s4", "--conditions", synthetic_data / "new_test.json", "--seed", 4)
+    assert other.returncode == 0, other.stderr
+    result = run_script("evaluate.py", "--samples", samples / "test", tmp_path / "s4" / "new_test", "--pool",
+                        "--evaluator", checkpoint, "--data-dir", synthetic_data, "--json", tmp_path / "e.json",
+                        "--reference-images", 0)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --pool: the sets share no seed (each was drawn with other seeds): nothing to pool")
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_one_line_errors_for_a_missing_second_evaluator(tiny_run, synthetic_data, synthetic_evaluator, tmp_path):
     checkpoint, _ = synthetic_evaluator
     code, out, err = run_main("evaluate.py", "--model", tiny_run / "model", "--evaluator", checkpoint, "--evaluator",
