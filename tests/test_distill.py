@@ -145,6 +145,26 @@ def test_distill_script_checkpoints_resumes_exactly_and_exports_a_student(synthe
                                              seed=3), images)
 
 
+def test_a_student_learning_only_its_conditioning_keeps_the_teachers_other_weights(synthetic_data, teacher_folder,
+                                                                                    tmp_path):
+    """--learn conditioning: the time embedding, its projections, cross-attention, the embeddings and the norms
+    change; every other weight (convolutions, self-attention, feed-forward) stays the teacher's to the bit."""
+    from distill import CONDITIONING
+
+    code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "run", "--learn", "conditioning", "--lr", "1e-2",
+                           "--ema-decay", "0.5")
+    assert code == 0, err
+    teacher = model_lib.load_pipeline(teacher_folder).unet.state_dict()
+    student = model_lib.load_pipeline(tmp_path / "run" / "model").unet.state_dict()
+    changed = {name for name, weight in teacher.items() if not torch.equal(weight.half(), student[name].half())}
+    kept = set(teacher) - changed
+    assert changed and all(CONDITIONING.search(name) for name in changed)
+    assert any("conv1" in name for name in kept) and any("attn1.to_q" in name for name in kept)
+    assert any("attn2.to_k" in name for name in changed) and any("time_emb_proj" in name for name in changed)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert 0 < config["learning_parameters"] < config["parameters"] / 2
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_the_distillation_step_is_diffusers_ddim_step_and_its_target_inverts_it(prediction_type):
     """halving_loss's DDIM step is the one the pipeline's DDIMScheduler takes (clipped clean estimate, eta 0), and
