@@ -3,6 +3,11 @@ settings it was measured with (sampling.json), which sample.py and evaluate.py u
 
     python export.py runs/tokens/model pretrained/tokens-cpu --sampler ddim --steps 15 --guidance-scale 3
 
+    python export.py pretrained/iclevr-tokens pretrained/with-fast --as-profile fast --profile-unet runs/student/model
+
+The second form adds a named profile (sample.py --profile fast) that samples with a distilled student's UNet
+(distill.py), kept in the folder as its difference from the folder's own (NAME.unet.safetensors: 3.3 MB for a
+student that learned only its conditioning, where the UNet is 33 MB), with the student's sampling settings.
 The folder is written under a temporary name and moved into place, so it is complete or absent. Loading gives
 float32 weights again (sample.py, evaluate.py, model.load_pipeline). The folder also carries the project's model code,
 so diffusers alone loads it: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
@@ -10,12 +15,14 @@ so diffusers alone loads it: DiffusionPipeline.from_pretrained(folder, trust_rem
 import argparse
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from cli import UserError, folder_megabytes, make_output_dir, publish_dir, run_cli
-from model import ICLEVRPipeline, add_folder_code, find_model_dir, load_pipeline
+from model import (PROFILE_UNET, ICLEVRPipeline, add_folder_code, find_model_dir, load_pipeline, save_unet_difference,
+                   unet_difference)
 from sampling import SamplingSettings, add_sampling_flags, read_sampling_json, sampling_flags
 
 
@@ -51,11 +58,16 @@ def model_card(source):
         "```\n")
 
 
-def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None):
+def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None, profile_unet=None):
     """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` (a
-    SamplingSettings) and named `profiles` ({name: SamplingSettings}) beside it; `max_shard_mb` splits larger
-    weight files (for transfers with a file-size limit)."""
+    SamplingSettings) and named `profiles` ({name: SamplingSettings}) beside it, each with the UNet file the source
+    has for it, if any; `profile_unet` ((name, UNet)) gives one profile a UNet of its own, a student of the
+    source's; `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
     pipe = load_pipeline(source)
+    try:  # before anything is written
+        difference = None if profile_unet is None else unet_difference(profile_unet[1], pipe.unet)
+    except UserError as error:
+        raise UserError(f"--profile-unet: {error}")
     destination = Path(destination)
     make_output_dir(destination.parent)
     temp = destination.with_name(f".tmp-{destination.name}-{os.getpid()}")
@@ -65,6 +77,12 @@ def export(source, destination, sampling, half=True, max_shard_mb=None, profiles
     # a new pipeline object: the loaded one's config would record the source path
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
     sampling.write(temp, profiles)
+    for name in profiles or {}:
+        own = find_model_dir(source) / PROFILE_UNET.format(name)
+        if own.is_file() and (profile_unet is None or profile_unet[0] != name):
+            shutil.copyfile(own, temp / own.name)
+    if difference is not None:
+        save_unet_difference(difference, temp / PROFILE_UNET.format(profile_unet[0]))
     add_folder_code(temp)  # loads with diffusers alone too
     (temp / "README.md").write_text(model_card(find_model_dir(source)))
     publish_dir(temp, destination, manifest=True)
@@ -80,11 +98,17 @@ def parse_args(argv=None):
                    help="write the sampling flags as the named profile NAME (sample.py --profile NAME; e.g. fast), "
                         "based on the source's NAME profile where it has one, else on its default settings, which "
                         "stay the folder's default (default: the flags change the default settings)")
+    p.add_argument("--profile-unet", metavar="STUDENT",
+                   help="with --as-profile: the profile samples with this distilled student's UNet (distill.py; a "
+                        "student of the source), stored as its difference from the source's, and starts from the "
+                        "student's sampling settings (default: the profile uses the folder's UNet)")
     p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
     p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
     args = p.parse_args(argv)
     if args.as_profile is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.as_profile):
         p.error(f"--as-profile {args.as_profile!r}: a name of letters, digits, '-' and '_'")
+    if args.profile_unet is not None and args.as_profile is None:
+        p.error("--profile-unet needs --as-profile NAME: the profile that samples with it")
     return args
 
 
@@ -94,16 +118,20 @@ def main(argv=None):
     # defaults
     saved = read_sampling_json(find_model_dir(args.source))
     profiles = {name: SamplingSettings.resolve(saved, profile=name) for name in saved.get("profiles", {})}
+    profile_unet = None
     if args.as_profile is None:
         sampling = SamplingSettings.resolve(saved, **sampling_flags(args))
     else:
         sampling = SamplingSettings.resolve(saved)
         base = saved.get("profiles", {}).get(args.as_profile, saved)
+        if args.profile_unet is not None:
+            student = load_pipeline(args.profile_unet)
+            base, profile_unet = student.sampling_settings, (args.as_profile, student.unet)
         profiles[args.as_profile] = SamplingSettings.resolve(base, **sampling_flags(args))
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb,
-                    profiles=profiles)
+                    profiles=profiles, profile_unet=profile_unet)
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling.describe()}" +
           "".join(f"; profile {name}: {profile.describe()}" for name, profile in sorted(profiles.items())) + ")")
     return 0

@@ -248,3 +248,45 @@ def test_what_cannot_be_distilled_is_a_one_line_error(synthetic_data, teacher_fo
     assert code == 2 and "is a distilled student already" in last_line(err), err
     code, _, err = distill(synthetic_data, tmp_path / "b" / "model", tmp_path / "b", "--resume", "latest")
     assert code == 2 and f"distils {teacher_folder}" in last_line(err), err
+
+
+def test_a_student_ships_as_a_profile_of_its_teachers_folder(synthetic_data, teacher_folder, tiny_run, tmp_path):
+    """export.py --as-profile fast --profile-unet STUDENT: the teacher's folder gains a profile that samples with
+    the student, kept as its difference from the teacher (a fraction of the UNet's file for a student that learned
+    its conditioning only): the student's own images and settings; the default stays the teacher; a re-export
+    keeps the profile."""
+    code, _, err = distill(synthetic_data, teacher_folder, tmp_path / "run", "--learn", "conditioning", "--lr", "1e-2",
+                           "--ema-decay", "0.5")
+    assert code == 0, err
+    student = tmp_path / "run" / "model"
+    code, out, err = run_main("export.py", teacher_folder, tmp_path / "shipped", "--as-profile", "fast",
+                              "--profile-unet", student)
+    assert code == 0, err
+    shipped = tmp_path / "shipped"
+    whole = (shipped / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert (shipped / "fast.unet.safetensors").stat().st_size < whole / 2
+    fast, fast_settings = model_lib.prepare_pipeline(shipped, profile="fast")
+    code, _, err = run_main("export.py", student, tmp_path / "student-fp16")  # both sides in fp16, as shipped
+    assert code == 0, err
+    own, own_settings = model_lib.prepare_pipeline(tmp_path / "student-fp16")
+    assert fast.unet.distilled and fast_settings == own_settings
+    images = model_lib.generate(fast, REQUESTS[:2], fast_settings, seed=1)
+    assert np.array_equal(images, model_lib.generate(own, REQUESTS[:2], own_settings, seed=1))
+    default, _ = model_lib.prepare_pipeline(shipped)
+    assert not default.unet.distilled
+    code, _, err = run_main("export.py", shipped, tmp_path / "again")
+    assert code == 0, err
+    again, again_settings = model_lib.prepare_pipeline(tmp_path / "again", profile="fast")
+    assert np.array_equal(model_lib.generate(again, REQUESTS[:2], again_settings, seed=1), images)
+    code, _, err = run_main("sample.py", "--model", shipped, "--profile", "fast", "--labels", "red sphere",
+                            "--out", tmp_path / "drawn")
+    assert code == 0 and (tmp_path / "drawn").is_dir(), err
+
+
+def test_a_profile_unet_that_is_no_student_is_a_one_line_error(teacher_folder, tiny_run, tmp_path):
+    code, _, err = run_main("export.py", teacher_folder, tmp_path / "out", "--as-profile", "fast", "--profile-unet",
+                            tiny_run / "model")
+    assert code == 2 and last_line(err) == "error: --profile-unet: a ConditionalUNet is no student of a ObjectTokenUNet"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    code, _, err = run_main("export.py", teacher_folder, tmp_path / "out", "--profile-unet", tiny_run / "model")
+    assert code == 2 and "--profile-unet needs --as-profile NAME" in last_line(err)

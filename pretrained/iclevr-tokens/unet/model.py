@@ -32,7 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 # In a model folder that diffusers loads with trust_remote_code, the project's files lie beside this one as a
 # package; in the project they are top-level modules. Each fallback stays on its except line, where
@@ -609,9 +610,53 @@ def prepare_pipeline(model, device="cpu", **flags):
         settings = SamplingSettings.resolve(pipe.sampling_settings, **flags)
     else:
         settings = profile_settings(pipe, model, profile, **flags)
+        own_unet = find_model_dir(model) / PROFILE_UNET.format(profile)
+        if own_unet.is_file():  # e.g. a fast profile's distilled student
+            pipe.unet = with_unet_difference(pipe.unet, own_unet)
     settings = runnable_here(settings, pipe.device.type)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, settings.sampler)
     return pipe, settings
+
+
+PROFILE_UNET = "{}.unet.safetensors"  # a profile's own UNet (a distilled student), as its difference
+
+
+def unet_difference(unet, base):
+    """What `unet`, a student of `base` (distill.py), changes in it: {name: fp16 tensor} for each weight that
+    differs in fp16 (or is new), and the config entries that differ. A student that learned only its conditioning
+    (distill.py --learn conditioning) differs by a tenth of the weights."""
+    if type(unet) is not type(base):
+        raise UserError(f"a {type(unet).__name__} is no student of a {type(base).__name__}")
+    mine, theirs = unet.state_dict(), base.state_dict()
+    foreign = [name for name in theirs if name not in mine or mine[name].shape != theirs[name].shape]
+    if foreign:
+        raise UserError(f"its UNet has other weights than the base's ({foreign[0]}): not a student of it")
+    changed = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in mine.items()
+               if name not in theirs or not torch.equal(tensor.half(), theirs[name].half())}
+    config = {key: value for key, value in unet.config.items()
+              if not key.startswith("_") and base.config.get(key) != value}
+    return changed, config
+
+
+def save_unet_difference(difference, path):
+    changed, config = difference
+    save_file(changed, str(path), metadata={"config": json.dumps(config)})
+
+
+def with_unet_difference(base, path):
+    """`base`'s UNet with the difference at `path` (save_unet_difference) applied: a new UNet of the changed
+    config, base's weights, the file's over them."""
+    try:
+        with safe_open(str(path), "pt") as stored:
+            config = json.loads(stored.metadata()["config"])
+            changed = {name: stored.get_tensor(name) for name in stored.keys()}
+    except (OSError, KeyError, ValueError, SafetensorError) as error:
+        raise UserError(f"{path}: not a profile's UNet ({str(error).splitlines()[0][:120]})")
+    unet = type(base).from_config({**base.config, **config})
+    missing, unexpected = unet.load_state_dict({**base.state_dict(), **changed}, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: does not fit the folder's UNet ({(missing or unexpected)[0]})")
+    return unet.to(base.device).eval()
 
 
 def profile_settings(pipe, model, profile, **flags):
