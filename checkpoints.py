@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import MANIFEST, UserError, manifest_problem, publish_dir, warn
-from model import ICLEVRPipeline, Upsampler, load_pipeline
+from cli import MANIFEST, UserError, manifest_problem, publish_dir, read_json, warn
+from model import ICLEVRPipeline, Upsampler, find_model_dir, load_pipeline
 
 
 def lock_run_dir(run_dir):
@@ -200,6 +200,13 @@ def initialise_from(path, model, prediction_type):
                         f"{prediction_type} (pass --prediction-type {pipe.scheduler.config.prediction_type})")
     model.load_state_dict(pipe.unet.state_dict())
     return pipe.upsampler
+
+
+def objects_read_by(path):
+    """The largest scene the model folder at `path` read in training (its config's trained_objects; 0 for a
+    folder from before models recorded it)."""
+    config = read_json(find_model_dir(path) / "unet" / "config.json", "UNet config")
+    return int(config.get("trained_objects") or 0)
 
 
 def checkpoint_upsampler(path):

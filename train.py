@@ -355,8 +355,9 @@ def train(args, accelerator, run_dir, stop):
     labels = torch.from_numpy(data.labels).to(device)
 
     torch.manual_seed(args.seed)
-    # the largest training scene: larger requests are drawn by composition (model.ICLEVRPipeline)
-    trained_objects = int(data.labels.sum(1).max())
+    # the largest training scene, this data's or the --init model's where it read larger ones (a fine-tune on
+    # 4-object scenes keeps drawing the 6-object ones its init learned): larger requests are drawn by composition
+    trained_objects = max(int(data.labels.sum(1).max()), checkpoints.objects_read_by(args.init) if args.init else 0)
     model = build_model(args.preset, data.vocabulary.names, **{"trained_objects": trained_objects,
                                                                **args.model_options})
     check_object_counts(model)

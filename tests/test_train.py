@@ -87,6 +87,12 @@ def test_init_starts_from_a_trained_model(tiny_run, synthetic_data, tmp_path):
     result = train(synthetic_data, tmp_path / "from-older", "--max-steps", 1, "--init", older)
     assert result.returncode == 0, result.stderr
     assert load_pipeline(tmp_path / "from-older" / "model").unet.config.trained_objects == 3
+    larger = tmp_path / "larger"  # a folder that read 6-object scenes: a run on 3-object data keeps drawing them
+    shutil.copytree(older, larger)
+    (larger / "unet" / "config.json").write_text(json.dumps({**config, "trained_objects": 6}))
+    result = train(synthetic_data, tmp_path / "from-larger", "--max-steps", 1, "--init", larger)
+    assert result.returncode == 0, result.stderr
+    assert load_pipeline(tmp_path / "from-larger" / "model").unet.config.trained_objects == 6
 
     code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "other", *TINY,
                             "--preset", "tiny-tokens", "--init", tiny_run / "model")
