@@ -63,7 +63,7 @@ def export(source, destination, sampling, half=True, max_shard_mb=None, profiles
     SamplingSettings) and named `profiles` ({name: SamplingSettings}) beside it, each with the UNet file the source
     has for it, if any; `profile_unet` ((name, UNet)) gives one profile a UNet of its own, a student of the
     source's; `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
-    pipe = load_pipeline(source)
+    pipe, source_dir = load_pipeline(source), find_model_dir(source)
     try:  # before anything is written
         difference = None if profile_unet is None else unet_difference(profile_unet[1], pipe.unet)
     except UserError as error:
@@ -78,13 +78,13 @@ def export(source, destination, sampling, half=True, max_shard_mb=None, profiles
     ICLEVRPipeline(unet=pipe.unet, scheduler=pipe.scheduler, upsampler=pipe.upsampler).save_pretrained(temp, **shards)
     sampling.write(temp, profiles)
     for name in profiles or {}:
-        own = find_model_dir(source) / PROFILE_UNET.format(name)
+        own = source_dir / PROFILE_UNET.format(name)
         if own.is_file() and (profile_unet is None or profile_unet[0] != name):
             shutil.copyfile(own, temp / own.name)
     if difference is not None:
         save_unet_difference(difference, temp / PROFILE_UNET.format(profile_unet[0]))
     add_folder_code(temp)  # loads with diffusers alone too
-    (temp / "README.md").write_text(model_card(find_model_dir(source)))
+    (temp / "README.md").write_text(model_card(source_dir))
     publish_dir(temp, destination, manifest=True)
     return destination
 
