@@ -436,14 +436,15 @@ def added_objects(filenames, label_lists):
     return steps
 
 
-def composite_scenes(data, count, seed=0, batch=256, pastes=1):
+def composite_scenes(data, count, seed=0, batch=256, pastes=1, shares=None):
     """`count` images of more objects than the data's largest scenes, as a TrainingSet: a largest-scene image with
     objects pasted in from other scenes, each at the place its own scene added it. i-CLEVR renders every scene
     from one camera under one light, so an object and its shadow fit wherever the floor under and around them
     matches in both scenes; a paste is kept only where it does (FLOOR_TOLERANCE), so it covers no object of the
     scene it joins, pasted ones included. Pasted labels are always new: labels do not repeat within a scene.
     With `pastes` > 1 the count is shared between 1, 2, ... `pastes` pasted objects (4, 5, 6 on i-CLEVR): each
-    round pastes one object more into the composites of the round before."""
+    round pastes one object more into the composites of the round before. `shares` weighs the rounds (one weight
+    per count of pasted objects; default even)."""
     steps = added_objects(data.filenames, data.label_lists)
     if not steps:
         raise UserError("composite scenes need each scene's images in order (NAME_0.png, NAME_1.png, ...), "
@@ -454,13 +455,12 @@ def composite_scenes(data, count, seed=0, batch=256, pastes=1):
     rng = np.random.default_rng(seed)
     images, label_lists = [], []
     with tqdm(total=count, desc="composite scenes", unit="img", leave=False) as bar:
-        for pasted, share in enumerate(np.array_split(np.arange(count), pastes), 1):
-            base_images, base_labels = paste_objects(data, steps, base_images, base_labels, len(share), rng,
-                                                     batch, bar)
-            if len(base_labels) < len(share):
+        for pasted, share in enumerate(shared_out(count, shares or [1] * pastes), 1):
+            base_images, base_labels = paste_objects(data, steps, base_images, base_labels, share, rng, batch, bar)
+            if len(base_labels) < share:
                 what = "their object" if pasted == 1 else (f"object {pasted} of {pastes} (the floor fills up: fewer "
                                                            f"--composite-pastes or more --composite-scenes)")
-                raise UserError(f"only {len(base_labels)} of {len(share)} composite scenes found a place to paste "
+                raise UserError(f"only {len(base_labels)} of {share} composite scenes found a place to paste "
                                 f"{what}")
             images.extend(base_images)
             label_lists.extend(base_labels)
@@ -469,10 +469,36 @@ def composite_scenes(data, count, seed=0, batch=256, pastes=1):
     return TrainingSet(np.stack(images), labels, filenames, label_lists, data.vocabulary, data.data_dir)
 
 
-def with_composite_scenes(data, count, seed, pastes=1):
+def composite_flags_problem(scenes, pastes, shares):
+    """What is wrong with --composite-scenes/--composite-pastes/--composite-shares, in one line; None if nothing."""
+    if scenes < 0:
+        return "--composite-scenes must be 0 (none) or more"
+    if pastes < 1:
+        return "--composite-pastes must be 1 or more"
+    if shares is not None and len(shares) != pastes:
+        return (f"--composite-shares has {len(shares)} weights for --composite-pastes {pastes}: give one for each "
+                f"count of pasted objects")
+    if shares is not None and min(shares) < 1:
+        return "--composite-shares must be 1 or more each"
+    if scenes and min(shared_out(scenes, shares or [1] * pastes)) < 1:
+        return (f"--composite-scenes {scenes} is too few for --composite-pastes {pastes}: each count of pasted "
+                f"objects needs a share")
+    return None
+
+
+def shared_out(count, weights):
+    """`count` split in proportion to `weights`, the rounding's remainder going to the first: [9000, 3000, 3000]
+    for 15000 and [3, 1, 1]; even weights split as np.array_split does."""
+    counts = [count * weight // sum(weights) for weight in weights]
+    for k in range(count - sum(counts)):
+        counts[k] += 1
+    return counts
+
+
+def with_composite_scenes(data, count, seed, pastes=1, shares=None):
     """`data` and `count` composites pasted from its own scenes (train.py's and distill.py's --composite-scenes);
     `data` itself for 0."""
-    return data.joined(composite_scenes(data, count, seed=seed, pastes=pastes)) if count else data
+    return data.joined(composite_scenes(data, count, seed=seed, pastes=pastes, shares=shares)) if count else data
 
 
 def paste_objects(data, steps, base_images, base_labels, count, rng, batch, bar):

@@ -60,6 +60,8 @@ def parse_args(argv=None):
                         "learns the teacher's guidance on requests of that many objects too (default 0)")
     p.add_argument("--composite-pastes", type=int, default=1, metavar="K",
                    help="objects pasted into the composites: 1..K, as train.py's flag (default 1)")
+    p.add_argument("--composite-shares", type=int, nargs="+", metavar="W",
+                   help="weigh the composites between 1..K pasted objects, as train.py's flag (default: even)")
     p.add_argument("--halve-steps", action="store_true",
                    help="teach one DDIM step for two of the teacher's (its sampling.json: DDIM, an even number of "
                         "steps, one guidance scale); the student samples with half the steps (default: guidance "
@@ -93,12 +95,13 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25, help="steps between metrics.jsonl lines")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, noise, timesteps and scales")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_steps", "checkpoint_every", "keep", "log_every", "embedding_dim",
-                 "composite_pastes"):
+    for name in ("batch_size", "max_steps", "checkpoint_every", "keep", "log_every", "embedding_dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.composite_scenes < 0:
-        p.error("--composite-scenes must be 0 (none) or more")
+    composite_problem = dataset.composite_flags_problem(args.composite_scenes, args.composite_pastes,
+                                                        args.composite_shares)
+    if composite_problem:
+        p.error(composite_problem)
     if not 0 <= args.guidance_min <= args.guidance_max:
         p.error(f"the guidance range [{args.guidance_min}, {args.guidance_max}] is empty or negative: "
                 f"--guidance-min must be at least 0 and at most --guidance-max")
@@ -176,7 +179,8 @@ def load_data(args, vocabulary):
     if data.vocabulary.names != vocabulary.names:
         raise UserError(f"{args.teacher} was trained with another label vocabulary ({len(vocabulary.names)} labels) "
                         f"than {args.data_dir} ({len(data.vocabulary.names)} labels)")
-    return dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes)
+    return dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes,
+                                         args.composite_shares)
 
 
 def check_same_teacher(run_dir, args):

@@ -68,6 +68,10 @@ def parse_args(argv=None):
                            "between 1..K pasted objects (4..3+K objects on i-CLEVR), each round pasting into the "
                            "round before's composites; an object-token model then needs --model-option "
                            "max_objects=3+K (default 1)")
+    data.add_argument("--composite-shares", type=int, nargs="+", metavar="W",
+                      help="weigh the --composite-scenes between 1..K pasted objects, one weight each: "
+                           "--composite-scenes 15000 --composite-pastes 3 --composite-shares 3 1 1 makes 9000 "
+                           "composites of 4 objects, 3000 of 5 and 3000 of 6 (default: even)")
 
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small", choices=list(PRESETS),
@@ -176,13 +180,10 @@ def parse_args(argv=None):
         p.error("--timestep-power must be positive")
     if args.meter_every < 0:
         p.error("--meter-every must be 0 (off) or more")
-    if args.composite_scenes < 0:
-        p.error("--composite-scenes must be 0 (none) or more")
-    if args.composite_pastes < 1:
-        p.error("--composite-pastes must be 1 or more")
-    if 0 < args.composite_scenes < args.composite_pastes:
-        p.error(f"--composite-scenes {args.composite_scenes} is fewer than --composite-pastes "
-                f"{args.composite_pastes}: each count of pasted objects needs a share")
+    composite_problem = dataset.composite_flags_problem(args.composite_scenes, args.composite_pastes,
+                                                        args.composite_shares)
+    if composite_problem:
+        p.error(composite_problem)
     if not 0 <= args.cond_drop < 1:
         p.error("--cond-drop must be in [0, 1)")
     if args.report_to != "none" and importlib.util.find_spec(REPORTERS[args.report_to]) is None:
@@ -347,7 +348,8 @@ def train(args, accelerator, run_dir, stop):
     with accelerator.main_process_first():  # the first process decodes and caches the images
         data, meter_data = split_meter_scenes(load_data(args), args)
     # composites are pasted from the training scenes only, never from the meter's
-    data = dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes)
+    data = dataset.with_composite_scenes(data, args.composite_scenes, args.seed, args.composite_pastes,
+                                         args.composite_shares)
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     evaluation = Evaluation(args, data, precision) if (args.eval_every or args.eval_every_minutes) and is_main else None
     sampling = evaluation.sampling_settings if evaluation else None

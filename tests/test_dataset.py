@@ -266,6 +266,17 @@ def test_composite_scenes_with_several_pastes(synthetic_data):
                                 "fills up: fewer --composite-pastes or more --composite-scenes)")
 
 
+def test_composite_shares_weigh_the_counts_of_pasted_objects(synthetic_data):
+    """--composite-shares 2 1: twice as many 4-object composites as 5-object ones; even weights split as before."""
+    assert dataset.shared_out(15000, [3, 1, 1]) == [9000, 3000, 3000]
+    assert dataset.shared_out(10, [1, 1, 1]) == [4, 3, 3] and dataset.shared_out(7, [1]) == [7]
+    data = dataset.load_training_set(synthetic_data)
+    composites = dataset.composite_scenes(data, 9, seed=0, pastes=2, shares=[2, 1])
+    assert composites.labels.sum(1).tolist() == [4.0] * 6 + [5.0] * 3
+    even = dataset.composite_scenes(data, 8, seed=0, pastes=2)
+    assert np.array_equal(even.images, dataset.composite_scenes(data, 8, seed=0, pastes=2, shares=[5, 5]).images)
+
+
 def test_real_composite_scenes(real_data, tmp_path_factory):
     data = dataset.load_training_set(real_data, cache_dir=tmp_path_factory.mktemp("cache"))
     composites = dataset.composite_scenes(data, 64, seed=0)

@@ -406,7 +406,14 @@ def test_composites_of_several_pastes_teach_five_and_six_objects(synthetic_data,
     code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
                             "--composite-scenes", 2, "--composite-pastes", 3)
     assert code == 2 and last_line(err).endswith(
-        "error: --composite-scenes 2 is fewer than --composite-pastes 3: each count of pasted objects needs a share")
+        "error: --composite-scenes 2 is too few for --composite-pastes 3: each count of pasted objects needs a share")
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--composite-scenes", 30, "--composite-pastes", 3, "--composite-shares", 2, 1)
+    assert code == 2 and last_line(err).endswith(
+        "error: --composite-shares has 2 weights for --composite-pastes 3: give one for each count of pasted objects")
+    code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "r", *TINY,
+                            "--composite-scenes", 30, "--composite-pastes", 2, "--composite-shares", 1, 0)
+    assert code == 2 and last_line(err).endswith("error: --composite-shares must be 1 or more each")
     result = train(synthetic_data, tmp_path / "six", "--preset", "tiny-tokens", "--max-steps", 1, "--meter-every", 0,
                    "--composite-scenes", 30, "--composite-pastes", 3, "--model-option", "max_objects=6")
     assert result.returncode == 0, result.stderr
