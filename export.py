@@ -58,14 +58,16 @@ def model_card(source):
         "```\n")
 
 
-def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None, profile_unet=None):
+def export(source, destination, sampling, half=True, max_shard_mb=None, profiles=None, profile_unet=None,
+           profile_rank=None):
     """Copy the model at `source` (a model, run or checkpoint folder) to `destination` with `sampling` (a
     SamplingSettings) and named `profiles` ({name: SamplingSettings}) beside it, each with the UNet file the source
     has for it, if any; `profile_unet` ((name, UNet)) gives one profile a UNet of its own, a student of the
-    source's; `max_shard_mb` splits larger weight files (for transfers with a file-size limit)."""
+    source's, stored as its change (low-rank factors with `profile_rank`: model.unet_difference); `max_shard_mb`
+    splits larger weight files (for transfers with a file-size limit)."""
     pipe, source_dir = load_pipeline(source), find_model_dir(source)
     try:  # before anything is written
-        difference = None if profile_unet is None else unet_difference(profile_unet[1], pipe.unet)
+        difference = None if profile_unet is None else unet_difference(profile_unet[1], pipe.unet, profile_rank)
     except UserError as error:
         raise UserError(f"--profile-unet: {error}")
     destination = Path(destination)
@@ -102,6 +104,10 @@ def parse_args(argv=None):
                    help="with --as-profile: the profile samples with this distilled student's UNet (distill.py; a "
                         "student of the source), stored as its difference from the source's, and starts from the "
                         "student's sampling settings (default: the profile uses the folder's UNet)")
+    p.add_argument("--profile-rank", type=int, metavar="R",
+                   help="with --profile-unet: store each changed weight's change as its best rank-R factors "
+                        "(truncated SVD) where they are smaller, so a full student's 33 MB shrink to a few; "
+                        "docs/RESULTS.md measures what a rank costs in accuracy (default: the change in full)")
     p.add_argument("--fp32", action="store_true", help="keep full-precision weights (twice the size)")
     p.add_argument("--max-shard-mb", type=int, help="split weight files larger than this many MB")
     args = p.parse_args(argv)
@@ -109,6 +115,10 @@ def parse_args(argv=None):
         p.error(f"--as-profile {args.as_profile!r}: a name of letters, digits, '-' and '_'")
     if args.profile_unet is not None and args.as_profile is None:
         p.error("--profile-unet needs --as-profile NAME: the profile that samples with it")
+    if args.profile_rank is not None and args.profile_unet is None:
+        p.error("--profile-rank needs --profile-unet STUDENT: the UNet whose change it stores")
+    if args.profile_rank is not None and args.profile_rank < 1:
+        p.error("--profile-rank must be at least 1")
     return args
 
 
@@ -131,7 +141,7 @@ def main(argv=None):
     if Path(args.destination).resolve() == Path(args.source).resolve():
         raise UserError(f"{args.destination}: the destination must differ from the source")
     folder = export(args.source, args.destination, sampling, half=not args.fp32, max_shard_mb=args.max_shard_mb,
-                    profiles=profiles, profile_unet=profile_unet)
+                    profiles=profiles, profile_unet=profile_unet, profile_rank=args.profile_rank)
     print(f"wrote {folder} ({folder_megabytes(folder):.1f} MB; samples with {sampling.describe()}" +
           "".join(f"; profile {name}: {profile.describe()}" for name, profile in sorted(profiles.items())) + ")")
     return 0

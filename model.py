@@ -621,21 +621,42 @@ def prepare_pipeline(model, device="cpu", **flags):
 PROFILE_UNET = "{}.unet.safetensors"  # a profile's own UNet (a distilled student), as its difference
 
 
-def unet_difference(unet, base):
+def unet_difference(unet, base, rank=None):
     """What `unet`, a student of `base` (distill.py), changes in it: {name: fp16 tensor} for each weight that
-    differs in fp16 (or is new), and the config entries that differ. A student that learned only its conditioning
-    (distill.py --learn conditioning) differs by a tenth of the weights."""
+    differs in fp16 (or is new), and the config entries that differ. With `rank`, a changed weight matrix (or
+    convolution, flattened to out x rest) is stored as the rank-`rank` factors of its change where they are smaller
+    (low_rank_change): a full student's 33 MB become a few."""
     if type(unet) is not type(base):
         raise UserError(f"a {type(unet).__name__} is no student of a {type(base).__name__}")
     mine, theirs = unet.state_dict(), base.state_dict()
     foreign = [name for name in theirs if name not in mine or mine[name].shape != theirs[name].shape]
     if foreign:
         raise UserError(f"its UNet has other weights than the base's ({foreign[0]}): not a student of it")
-    changed = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in mine.items()
-               if name not in theirs or not torch.equal(tensor.half(), theirs[name].half())}
+    changed = {}
+    for name, tensor in mine.items():
+        if name in theirs and torch.equal(tensor.half(), theirs[name].half()):
+            continue
+        factors = None if rank is None or name not in theirs else low_rank_change(tensor - theirs[name], rank)
+        if factors is None:
+            changed[name] = tensor.detach().to(torch.float16).contiguous()
+        else:
+            changed[name + LOW_RANK_UP], changed[name + LOW_RANK_DOWN] = factors
     config = {key: value for key, value in unet.config.items()
               if not key.startswith("_") and base.config.get(key) != value}
     return changed, config
+
+
+LOW_RANK_UP, LOW_RANK_DOWN = ".low_rank_up", ".low_rank_down"  # a weight's change as up @ down
+
+
+def low_rank_change(change, rank):
+    """The best rank-`rank` approximation of `change` (flattened to out x rest) as fp16 (up, down), up @ down; None
+    for a vector, or where the factors would hold no fewer numbers than the change."""
+    matrix = change.detach().float().flatten(1) if change.dim() > 1 else None
+    if matrix is None or rank * sum(matrix.shape) >= matrix.numel():
+        return None
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]).half().contiguous(), vh[:rank].half().contiguous()
 
 
 def save_unet_difference(difference, path):
@@ -645,15 +666,23 @@ def save_unet_difference(difference, path):
 
 def with_unet_difference(base, path):
     """`base`'s UNet with the difference at `path` (save_unet_difference) applied: a new UNet of the changed
-    config, base's weights, the file's over them."""
+    config, base's weights, the file's over them (a low-rank change added to base's weight)."""
     try:
         with safe_open(str(path), "pt") as stored:
             config = json.loads(stored.metadata()["config"])
             changed = {name: stored.get_tensor(name) for name in stored.keys()}
     except (OSError, KeyError, ValueError, SafetensorError) as error:
         raise UserError(f"{path}: not a profile's UNet ({str(error).splitlines()[0][:120]})")
+    weights = base.state_dict()
+    for up_name in [name for name in changed if name.endswith(LOW_RANK_UP)]:
+        weight = up_name[:-len(LOW_RANK_UP)]
+        up, down = changed.pop(up_name), changed.pop(weight + LOW_RANK_DOWN, None)
+        if weight not in weights or down is None:
+            raise UserError(f"{path}: does not fit the folder's UNet ({weight})")
+        change = (up.float() @ down.float()).reshape(weights[weight].shape)
+        weights[weight] = (weights[weight].float() + change.to(weights[weight].device)).to(weights[weight].dtype)
     unet = type(base).from_config({**base.config, **config})
-    missing, unexpected = unet.load_state_dict({**base.state_dict(), **changed}, strict=False)
+    missing, unexpected = unet.load_state_dict({**weights, **changed}, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: does not fit the folder's UNet ({(missing or unexpected)[0]})")
     return unet.to(base.device).eval()

@@ -290,3 +290,55 @@ def test_a_profile_unet_that_is_no_student_is_a_one_line_error(teacher_folder, t
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
     code, _, err = run_main("export.py", teacher_folder, tmp_path / "out", "--profile-unet", tiny_run / "model")
     assert code == 2 and "--profile-unet needs --as-profile NAME" in last_line(err)
+
+
+def test_a_profile_unet_of_low_rank_factors_gives_the_students_weights(teacher_folder, tmp_path):
+    """export.py --profile-rank R stores each changed weight as rank-R factors of its change where they are
+    smaller: a student whose every matrix changed by rank 2 comes back from rank-2 factors (to fp16 rounding) in a
+    fraction of the full difference's file, and not from rank 1."""
+    teacher = model_lib.load_pipeline(teacher_folder)
+    student = model_lib.load_pipeline(teacher_folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in student.unet.parameters():
+            if weight.dim() > 1:
+                up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight[0].numel(),
+                                                                                        generator=generator)
+                weight += 0.01 * (up @ down).reshape(weight.shape)
+            else:
+                weight += 0.01 * torch.randn(weight.shape, generator=generator)
+    student.save_pretrained(tmp_path / "student")
+    SamplingSettings("ddim", 2, 1.0).write(tmp_path / "student")
+    for rank in (None, 2, 1):
+        args = [] if rank is None else ["--profile-rank", rank]
+        code, _, err = run_main("export.py", teacher_folder, tmp_path / f"rank-{rank}", "--fp32", "--as-profile",
+                                "fast", "--profile-unet", tmp_path / "student", *args)
+        assert code == 0, err
+    sizes = {rank: (tmp_path / f"rank-{rank}" / "fast.unet.safetensors").stat().st_size for rank in (None, 2, 1)}
+    assert sizes[1] < sizes[2] < sizes[None] / 2
+    wanted = student.unet.state_dict()
+    for rank, close in ((None, True), (2, True), (1, False)):
+        fast, settings = model_lib.prepare_pipeline(tmp_path / f"rank-{rank}", profile="fast")
+        got = fast.unet.state_dict()
+        assert all(torch.allclose(got[name], wanted[name], atol=2e-3) for name in wanted) is close
+        assert settings.steps == 2 and not any(torch.equal(got[name], teacher.unet.state_dict()[name])
+                                               for name in wanted)
+        assert np.isfinite(draw(fast, REQUESTS[:2], settings)).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile-rank", "2"], "--profile-rank needs --profile-unet STUDENT: the UNet whose change it stores"),
+    (["--as-profile", "fast", "--profile-unet", "STUDENT", "--profile-rank", "0"], "--profile-rank must be at least 1"),
+])
+def test_bad_profile_ranks_are_one_line_errors(teacher_folder, tmp_path, args, message):
+    code, _, err = run_main("export.py", teacher_folder, tmp_path / "out", *args)
+    assert code == 2 and last_line(err).endswith(f"error: {message}") and not (tmp_path / "out").exists()
+
+
+def test_a_low_rank_factor_without_its_pair_is_a_one_line_error(teacher_folder, tmp_path):
+    teacher = model_lib.load_pipeline(teacher_folder)
+    name = next(name for name, weight in teacher.unet.state_dict().items() if weight.dim() > 1)
+    model_lib.save_unet_difference(({name + model_lib.LOW_RANK_UP: torch.zeros(3, 1)}, {}), tmp_path / "x.safetensors")
+    with pytest.raises(model_lib.UserError) as error:
+        model_lib.with_unet_difference(teacher.unet, tmp_path / "x.safetensors")
+    assert str(error.value) == f"{tmp_path / 'x.safetensors'}: does not fit the folder's UNet ({name})"
