@@ -8,15 +8,19 @@ import torch
 from conftest import REAL_DATA, REPO
 
 SHIPPED = sorted(p for p in (REPO / "pretrained").glob("*") if (p / "model_index.json").is_file())
+# each folder with its default settings (None) and each named profile (sampling.json "profiles": "fast", a guidance
+# student of the folder's UNet that draws in one pass a step what the default draws in two)
+SETTINGS = [(folder, profile) for folder in SHIPPED
+            for profile in [None, *json.loads((folder / "sampling.json").read_text()).get("profiles", {})]]
 EVALUATOR = REAL_DATA.parent / "evaluator" / "checkpoint.pth"
 # Accuracy on the 24 one-object requests below, shipped model (r13-gpu, tokens-wide, v-prediction, with its
 # learned upsampler), its sampling.json (DDIM 20, guidance 3, bf16), seed 0: 23 of 24 right (the seventh model: 24;
-# chance is 1 in 24 = 0.042).
+# chance is 1 in 24 = 0.042); its profile fast (the rank-8 guidance student): 24 of 24.
 # 0.9 lets 2 images of 24 go wrong (bf16 falls back to fp32 on a CPU without fast bf16).
 THRESHOLD = 0.9
 # 16 three-object requests (random_conditions seed 0), seed 0: 48 of 48 labels read (held-out 3-object requests:
-# 0.96-0.98, docs/RESULTS.md "Run r13-gpu"); the seventh model reads 0.8125 of them and would fail. 0.85 lets 7 of
-# 48 go wrong.
+# 0.96-0.98, docs/RESULTS.md "Run r13-gpu"; profile fast: 47 of 48); the seventh model reads 0.8125 of them and
+# would fail. 0.85 lets 7 of 48 go wrong.
 THREE_OBJECT_THRESHOLD = 0.85
 
 
@@ -30,8 +34,10 @@ def test_a_model_is_shipped_small():
         # that may travel to a lent machine (bench/gpu_bundle.py)
         assert folder_megabytes(folder) <= 36, f"{folder.name}: {folder_megabytes(folder):.1f} MB"
         settings = json.loads((folder / "sampling.json").read_text())
-        assert {"sampler", "steps", "guidance_scale"} <= set(settings) <= {
-            "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "joint_weight", "precision"}
+        for one in [settings, *settings.pop("profiles", {}).values()]:
+            assert {"sampler", "steps", "guidance_scale"} <= set(one) <= {
+                "sampler", "steps", "guidance_scale", "guidance_max_t", "guidance_by_objects", "joint_weight",
+                "precision"}
         card = (folder / "README.md").read_text()  # the model card: what it is, its scores, how to load it
         assert "load_pipeline" in card and "test.json" in card and "How it was trained" in card
         assert card.startswith("---\nlibrary_name: diffusers\n") and "trust_remote_code=True" in card
@@ -43,19 +49,24 @@ def test_a_model_is_shipped_small():
         assert (folder / "manifest.json").is_file()
 
 
-@pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
+@pytest.fixture(scope="module", params=SETTINGS, ids=lambda p: p[0].name + (f"-{p[1]}" if p[1] else ""))
 def shipped(request):
     from model import prepare_pipeline
 
-    pipe, settings = prepare_pipeline(request.param)
+    folder, profile = request.param
+    pipe, settings = prepare_pipeline(folder, profile=profile)
     return request.param, pipe, settings
 
 
 def test_loads_and_samples_deterministically_with_its_settings(shipped):
-    from model import generate
+    from model import PROFILE_UNET, generate
 
-    folder, pipe, settings = shipped
-    assert settings.to_json() == json.loads((folder / "sampling.json").read_text())
+    (folder, profile), pipe, settings = shipped
+    stored = json.loads((folder / "sampling.json").read_text())
+    assert settings.to_json() == (stored["profiles"][profile] if profile else {
+        k: v for k, v in stored.items() if k != "profiles"})
+    # a profile with a UNet file of its own samples with that UNet, a distilled student
+    assert pipe.unet.distilled == (profile is not None and (folder / PROFILE_UNET.format(profile)).is_file())
     assert pipe.unet.dtype == torch.float32
     labels = [["red sphere", "cyan cube"], ["gray cylinder"]]
     first = generate(pipe, labels, settings, seed=0)
@@ -99,7 +110,7 @@ def test_draws_the_requested_objects(shipped):
     from evaluator import evaluation_model
     from model import generate
 
-    folder, pipe, settings = shipped
+    _, pipe, settings = shipped
     names = pipe.unet.vocabulary.names
     images = generate(pipe, [[name] for name in names], settings, seed=0)
     accuracy = score(evaluation_model(EVALUATOR, device="cpu"), images, [[n] for n in names],
@@ -116,7 +127,7 @@ def test_draws_three_requested_objects(shipped):
     from evaluator import evaluation_model
     from model import generate
 
-    folder, pipe, settings = shipped
+    _, pipe, settings = shipped
     vocabulary = dataset.find_vocabulary()
     requests = dataset.random_conditions(16, vocabulary, {3: 1.0}, seed=0)
     images = generate(pipe, requests, settings, seed=0)
