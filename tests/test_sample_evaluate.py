@@ -251,7 +251,7 @@ def test_a_named_profile_ships_beside_the_default_settings(tiny_run, tmp_path):
     code, _, err = run_main("sample.py", "--model", again, "--out", tmp_path / "no", "--labels", "red sphere",
                             "--profile", "fast")
     assert (code, last_line(err)) == (2, f"error: {again}/sampling.json, profile 'fast': unknown sampler 'lcm' "
-                                         f"(choose from ddpm, ddim, dpm++)")
+                                         f"(choose from ddpm, ddim, dpm++, unipc)")
     assert not (tmp_path / "no").exists()
     code, _, err = run_main("export.py", shipped, tmp_path / "bad", "--as-profile", "fast one")
     assert code == 2 and last_line(err).endswith("error: --as-profile 'fast one': a name of letters, digits, '-' "

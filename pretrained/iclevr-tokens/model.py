@@ -27,7 +27,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel)
+                       ImagePipelineOutput, ModelMixin, UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils.torch_utils import randn_tensor
@@ -314,7 +314,8 @@ def sampling_scheduler(train_config, sampler):
     with diffusers' default "leading" spacing, 20 steps start at t = 950 from an image that is not noise at all.
     DPM-Solver++ gets dynamic thresholding at 1.0 (without it, it diverged on a cosine-schedule model: pixel values
     ~1e4; DDPM/DDIM clip their x0 estimate by default) and, on the cosine schedule, the lambda clipping diffusers
-    documents for squaredcos_cap_v2.
+    documents for squaredcos_cap_v2. UniPC (order 2, bh2, the setting its authors give for few steps on
+    pixel-space guided models) gets the same thresholding.
     """
     spacing = {"timestep_spacing": "trailing"}
     if sampler == "ddpm":
@@ -325,6 +326,9 @@ def sampling_scheduler(train_config, sampler):
         cosine = {"lambda_min_clipped": -5.1} if train_config["beta_schedule"] == "squaredcos_cap_v2" else {}
         return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", thresholding=True,
                                                        sample_max_value=1.0, **spacing, **cosine)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler.from_config(train_config, solver_order=2, solver_type="bh2", thresholding=True,
+                                                   sample_max_value=1.0, **spacing)
     raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
 
 
@@ -492,11 +496,14 @@ class ICLEVRPipeline(DiffusionPipeline):
             rows = rows.to(self.unet.dtype)
             guidance = self.request_guidance(labels[start:start + batch_size], settings)
             self.scheduler.set_timesteps(settings.steps, device=self.device)
+            # the stochastic samplers take the generator; UniPC's step is deterministic and has no such argument
+            takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+            step_kwargs = {"generator": generator} if takes_generator else {}
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 output = self.predict(x, t, rows, owner, weights, self.step_guidance(guidance, t), settings.precision)
                 if callback is not None:
                     callback(i, t, x, clean_estimate(self.scheduler, output, t, x))
-                x = self.scheduler.step(output, t, x, generator=generator).prev_sample
+                x = self.scheduler.step(output, t, x, **step_kwargs).prev_sample
             images.append(self.to_image(x))
         images = torch.cat(images)
         if output_type == "pt":

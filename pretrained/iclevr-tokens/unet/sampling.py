@@ -19,8 +19,8 @@ try:
     from .cli import UserError, read_json
 except ImportError: from cli import UserError, read_json  # noqa: E701
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25}
+SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 25, "unipc": 25}
 # For a folder without sampling.json. Not dpm++: on epsilon models with linear betas (the default schedule)
 # its samples carry a strong colour cast and score at chance (docs/RESULTS.md); not ddpm: 1000 steps are
 # minutes per grid on a CPU.
@@ -231,7 +231,8 @@ def add_sampling_flags(parser, default_from=FOLDER_DEFAULT, compose=True, prefix
                   "folder's default settings, its most accurate)")
     flag("sampler", choices=SAMPLERS,
          help="ddpm: the full 1000-step ancestral chain (the report's); ddim; dpm++ (DPM-Solver++; at chance on "
-              f"epsilon models with linear betas) {default(DEFAULT_SAMPLER)}")
+              "epsilon models with linear betas); unipc (UniPC, order 2, bh2: a predictor-corrector for few "
+              f"steps) {default(DEFAULT_SAMPLER)}")
     flag("steps", type=int, help=f"denoising steps {default(steps)}" +
                                  ("; the folder's only with its own sampler" if default_from else ""))
     flag("guidance-scale", *(["guidance"] if prefix else []), type=float,
