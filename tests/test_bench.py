@@ -183,6 +183,19 @@ def test_sample_speed_times_each_setting_against_an_interleaved_baseline(tiny_ru
     assert all(float(seconds) > 0 and 0 < float(ratio) for _, seconds, ratio in rows)
 
 
+def test_sample_speed_skips_bf16_where_it_would_be_emulated(tiny_run, synthetic_data):
+    """bf16 on a CPU without AMX-BF16 or AVX512-BF16 is emulated, far slower than fp32: its row says skipped
+    there, and is timed where the CPU has it."""
+    from model import fast_bf16
+
+    result = run_script("bench/sample_speed.py", "--model", tiny_run / "model", "--conditions",
+                        synthetic_data / "test.json", "--configs", "ddim:2", "--precisions", "fp32", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^ddim\s+2\s+fp32\s+[\d.]+\s", result.stdout, re.M), result.stdout
+    bf16 = re.search(r"^ddim\s+2\s+bf16\s+(\S+)", result.stdout, re.M).group(1)
+    assert (bf16 == "skipped") == (not fast_bf16("cpu")), result.stdout
+
+
 def test_sample_speed_draws_the_baseline_with_another_model_folder(tiny_run, synthetic_data):
     """--baseline-model: a student timed against its teacher; without --baseline it is a one-line error."""
     common = ["--model", tiny_run / "model", "--conditions", synthetic_data / "test.json", "--configs", "ddim:2"]
