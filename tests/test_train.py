@@ -394,6 +394,7 @@ def test_composites_of_several_pastes_teach_five_and_six_objects(synthetic_data,
     """--composite-pastes 3 adds 4-, 5- and 6-object images. An object-token model with 4 tokens would drop
     labels, so it is refused in one line; with 6 tokens the model draws 5 and 6 objects jointly, one UNet row a
     request, the same images for the same seed."""
+    from cli import UserError
     from model import load_pipeline
 
     code, _, err = run_main("train.py", "--data-dir", synthetic_data, "--out", tmp_path / "four", *TINY,
@@ -424,6 +425,8 @@ def test_composites_of_several_pastes_teach_five_and_six_objects(synthetic_data,
                 ["red sphere", "cyan cube", "gray cylinder", "yellow cube", "blue sphere", "green cylinder"]]
     rows, owner, _ = pipe.sub_requests(pipe.label_vectors(requests), pipe.default_compose_above())
     assert owner.tolist() == [0, 1] and rows.sum(1).tolist() == [5, 6]  # joint: no composition
+    with pytest.raises(UserError, match="7 labels, but this model draws at most 6 objects$"):  # none to compose
+        pipe.label_vectors([requests[1] + ["brown cube"]])
 
     def draw(seed):
         return pipe(requests, num_inference_steps=3, guidance_scale=3.0, output_type="np",

@@ -379,8 +379,9 @@ class ICLEVRPipeline(DiffusionPipeline):
         for i, labels in enumerate(conditions):
             vocabulary.check(list(labels), f"condition {i}")
             if limit is not None and len(labels) > limit:
+                composes = compose_above and compose_above < limit  # a model trained on 6 draws all jointly
                 how = f" ({compose_above} jointly, more by composing {compose_above}-object sub-requests)" \
-                    if compose_above else ""
+                    if composes else ""
                 raise UserError(f"condition {i}: {len(labels)} labels, but this model draws at most {limit} "
                                 f"objects{how}")
         return vocabulary.encode_all([list(c) for c in conditions])
