@@ -74,6 +74,7 @@ def test_every_sampler_and_schedule_stays_finite_and_near_the_data(trained_tiny,
     raw = final["x"]
     assert torch.isfinite(raw).all() and raw.abs().max() < 1.05, f"{sampler}/{name} diverged"
     assert images.shape[-1] == 64 and raw.shape[-1] == net.denoising_size
+    pipe.to_image = to_image
     others = pipe(labels.roll(1, dims=0), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images  # the same noise, each image asked for its neighbour's objects
     # mean |difference| measured (seed 0): tiny/linear 0.002-0.005, tiny-tokens v-prediction 0.013-0.016 over the
