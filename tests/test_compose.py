@@ -73,7 +73,9 @@ def test_composition_can_be_switched_off_or_forced(composing_pipe):
     with pytest.raises(model_lib.UserError, match="5 labels, but this model draws at most 4 objects$"):
         draw(composing_pipe, [FIVE], compose_above=None)
     forced = draw(composing_pipe, WITHIN, compose_above=2)  # 3-object requests from their pairs
-    assert np.array_equal(forced[:2], draw(composing_pipe, WITHIN)[:2])
+    # the others keep their own rows; the UNet's batch differs, so equal up to float rounding (bit for bit on an
+    # AMX CPU, one grey level on an AVX2-only one)
+    assert np.abs(forced[:2].astype(int) - draw(composing_pipe, WITHIN)[:2]).max() <= 1
     assert not np.array_equal(forced[2], draw(composing_pipe, WITHIN)[2])
 
 

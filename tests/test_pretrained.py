@@ -59,12 +59,15 @@ def shipped(request):
 
 
 def test_loads_and_samples_deterministically_with_its_settings(shipped):
-    from model import PROFILE_UNET, generate
+    from model import PROFILE_UNET, fast_bf16, generate
 
     (folder, profile), pipe, settings = shipped
     stored = json.loads((folder / "sampling.json").read_text())
-    assert settings.to_json() == (stored["profiles"][profile] if profile else {
-        k: v for k, v in stored.items() if k != "profiles"})
+    expected = stored["profiles"][profile] if profile else {k: v for k, v in stored.items() if k != "profiles"}
+    if expected.get("precision") == "bf16" and not fast_bf16(pipe.device.type):
+        # emulated bf16 is slower than fp32: the pipeline falls back to fp32, which to_json leaves unsaid
+        expected = {k: v for k, v in expected.items() if k != "precision"}
+    assert settings.to_json() == expected
     # a profile with a UNet file of its own samples with that UNet, a distilled student
     assert pipe.unet.distilled == (profile is not None and (folder / PROFILE_UNET.format(profile)).is_file())
     assert pipe.unet.dtype == torch.float32
