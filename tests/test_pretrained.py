@@ -15,11 +15,11 @@ SETTINGS = [(folder, profile) for folder in SHIPPED
 EVALUATOR = REAL_DATA.parent / "evaluator" / "checkpoint.pth"
 # Accuracy on the 24 one-object requests below, shipped model (r20-dose, the ninth: tokens-wide, v-prediction, with
 # its learned upsampler), its sampling.json (DDIM 20, guidance 3, bf16 falling back to fp32 on an AVX2 CPU), seed 0:
-# 22 of 24 right (the eighth: 23; chance is 1 in 24 = 0.042); its profile fast (the rank-8 guidance student d6):
+# 22 of 24 right (the eighth: 23; chance is 1 in 24 = 0.042); its profile fast (rank-8 student d6, UniPC 14 steps):
 # 24 of 24. 0.85 lets 3 images of 24 go wrong (bf16, where the CPU has it, changes the images a little).
 THRESHOLD = 0.85
 # 16 three-object requests (random_conditions seed 0), seed 0: 48 of 48 labels read (held-out 3-object requests:
-# 0.96-0.98, docs/RESULTS.md "Run r20-dose"; profile fast: 47 of 48); the seventh model reads 0.8125 of them and
+# 0.96-0.98, docs/RESULTS.md "Run r20-dose"; profile fast: 48 of 48); the seventh model reads 0.8125 of them and
 # would fail. 0.85 lets 7 of 48 go wrong.
 THREE_OBJECT_THRESHOLD = 0.85
 
